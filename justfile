@@ -1,0 +1,47 @@
+# reidfleet recipes. On a fresh machine run them through ./just, which installs what they need.
+set shell := ["bash", "-euo", "pipefail", "-c"]
+set dotenv-load := false
+export PATH := justfile_directory() + "/.venv/bin:" + env_var("PATH")
+export PYTHONUNBUFFERED := "1"
+assets := env_var_or_default("REIDFLEET_ASSETS", justfile_directory() + "/../shared/assets")
+
+# list recipes
+default:
+    @just --list
+
+# run the whole system on embedded defaults (broker, appliance on a sample video, ...)
+demo *ARGS:
+    python -m demo {{ARGS}}
+
+# fast unit + integration tests (CI runs this)
+test *ARGS:
+    ruff check .
+    python -m pytest -q {{ARGS}}
+
+# soak, boot and other slow tests
+test-slow *ARGS:
+    python -m pytest -q -m slow {{ARGS}}
+
+# lint and format check
+lint:
+    ruff check .
+    ruff format --check . || true
+
+# run the embedded Kafka-protocol broker (tansu) with the reidfleet topics
+broker port="9092":
+    python -m common.tansu --port {{port}}
+
+# run one appliance (see `python -m appliance --help`)
+appliance *ARGS:
+    python -m appliance {{ARGS}}
+
+# create .venv-bench with the peer tools (Ultralytics + torch, pycocotools, trackeval)
+bench-env:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if [ ! -x .venv-bench/bin/python ] || ! .venv-bench/bin/python -c "import ultralytics, pycocotools" 2>/dev/null; then
+      python3 -m venv .venv-bench
+      .venv-bench/bin/pip install -q --upgrade "pip>=24"
+      .venv-bench/bin/pip install -q torch==2.14.1 torchvision==0.29.1
+      .venv-bench/bin/pip install -q -e ".[appliance,bench]"
+    fi
