@@ -1,0 +1,259 @@
+"""OpenVINO runtime for YOLO11 IRs: fail-fast loading, zero-copy input, ordered async streaming.
+
+Why it looks like this:
+- Colour conversion, layout change and /255 are folded into the graph with OpenVINO's
+  ``PrePostProcessor``: the request's input tensor is uint8 NHWC BGR, the letterbox resizes a
+  frame straight into it, and nothing else is copied or converted in Python.
+- ``stream`` keeps ``inflight_requests`` requests of an ``AsyncInferQueue`` busy. The callback
+  decodes a finished request on OpenVINO's thread while the caller letterboxes the next frame,
+  and results are handed back strictly in input order.
+- Threads, streams and the hint are planned from ``common.service.allowed_cpus()`` (taskset and
+  cgroup aware), with the defaults measured in docs/appliance-detector.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import openvino as ov
+import yaml
+from openvino.preprocess import ColorFormat, PrePostProcessor
+
+from appliance.detect.base import DetectorConfig, ModelLoadError
+from appliance.detect.yolo import Letterbox, decode, letterbox_into
+from appliance.types import Detections, Frame
+from common.service import allowed_cpus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimePlan:
+    """How the model is compiled and how many requests ``stream`` keeps in flight."""
+
+    hint: str
+    threads: int
+    streams: int
+    inflight: int
+
+    def properties(self) -> dict[str, Any]:
+        return {
+            "PERFORMANCE_HINT": self.hint,
+            "INFERENCE_NUM_THREADS": self.threads,
+            "NUM_STREAMS": self.streams,
+        }
+
+
+def plan_runtime(cfg: DetectorConfig, cpus: int | None = None) -> RuntimePlan:
+    """Defaults measured with ``just bench-detector`` (docs/appliance-detector.md): one stream that
+    uses every allowed core; two requests in flight so the next frame's letterbox and the last
+    frame's decode overlap inference instead of idling the cores between requests."""
+    cpus = cpus or allowed_cpus()
+    hint = "LATENCY" if cfg.performance_hint == "auto" else cfg.performance_hint
+    threads = cfg.threads or cpus
+    streams = cfg.streams or 1
+    inflight = cfg.inflight_requests or max(2, streams)
+    return RuntimePlan(hint, threads, streams, inflight)
+
+
+def find_ir(model_dir: Path) -> tuple[Path, Path]:
+    """The one ``.xml`` in ``model_dir`` and its ``.bin``; anything else is a clear error."""
+    if not model_dir.is_dir():
+        raise ModelLoadError(
+            f"detector model folder not found: {model_dir} (set detector.model_dir, or REIDFLEET_ASSETS "
+            "to the folder holding models/)"
+        )
+    xmls = sorted(model_dir.glob("*.xml"))
+    if len(xmls) != 1:
+        raise ModelLoadError(f"{model_dir} must hold exactly one OpenVINO .xml, found {[p.name for p in xmls]}")
+    xml = xmls[0]
+    weights = xml.with_suffix(".bin")
+    if not weights.is_file():
+        raise ModelLoadError(f"{xml.name} has no weights file {weights.name} beside it in {model_dir}")
+    if weights.stat().st_size == 0:
+        raise ModelLoadError(f"weights file {weights} is empty")
+    return xml, weights
+
+
+def describe_model(model_dir: Path, xml: Path, weights: Path, input_hw: tuple[int, int]) -> tuple[str, str]:
+    """``(model_id, model_version)``: from ``manifest.json`` when present (verified file by file),
+    else derived from Ultralytics' ``metadata.yaml`` and the sha256 of the weights."""
+    from schemas.model_manifest import MANIFEST_NAME, ManifestError, verify_model_dir
+
+    if (model_dir / MANIFEST_NAME).is_file():
+        try:
+            manifest = verify_model_dir(model_dir)
+        except ManifestError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        return manifest.model_id, manifest.version
+    version = hashlib.sha256(weights.read_bytes()).hexdigest()[:12]
+    data, precision = "coco", "fp32"
+    meta_path = model_dir / "metadata.yaml"
+    if meta_path.is_file():
+        try:
+            meta = yaml.safe_load(meta_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ModelLoadError(f"{meta_path} is not valid YAML: {exc}") from exc
+        desc = str(meta.get("description", ""))
+        if "trained on" in desc:
+            data = Path(desc.split("trained on", 1)[1].strip()).stem or data
+        args = meta.get("args") or {}
+        precision = "int8" if args.get("int8") else "fp16" if args.get("half") else precision
+    if "int8" in model_dir.name.lower():
+        precision = "int8"
+    return f"{xml.stem}_{data}_{precision}_{input_hw[1]}", version
+
+
+class OpenVinoDetector:
+    """YOLO11 person detector on OpenVINO. Not thread-safe: one caller per instance."""
+
+    def __init__(self, cfg: DetectorConfig) -> None:
+        self.cfg = cfg
+        self._classes = tuple(cfg.classes)
+        xml, weights = find_ir(Path(cfg.model_dir))
+        core = ov.Core()
+        try:
+            model = core.read_model(xml)
+        except RuntimeError as exc:
+            raise ModelLoadError(
+                f"cannot read OpenVINO IR {xml} (truncated or corrupt .xml/.bin?): {_first_line(exc)}"
+            ) from exc
+        if len(model.inputs) != 1 or len(model.outputs) < 1:
+            raise ModelLoadError(f"{xml.name}: expected 1 input and an output, got {len(model.inputs)} inputs")
+        in_shape = model.inputs[0].get_partial_shape()
+        out_shape = model.outputs[0].get_partial_shape()
+        if in_shape.is_dynamic or len(in_shape) != 4 or in_shape[1].get_length() != 3:
+            raise ModelLoadError(f"{xml.name}: expected a static [1,3,H,W] input, got {in_shape}")
+        if out_shape.is_dynamic or len(out_shape) != 3 or out_shape[1].get_length() < 5:
+            raise ModelLoadError(f"{xml.name}: expected a YOLO head output [1,4+C,A], got {out_shape}")
+        n_classes = out_shape[1].get_length() - 4
+        if max(self._classes) >= n_classes:
+            raise ModelLoadError(f"classes {list(self._classes)} not all in the model's 0..{n_classes - 1}")
+        self.input_hw = (in_shape[2].get_length(), in_shape[3].get_length())
+        self.model_id, self.model_version = describe_model(Path(cfg.model_dir), xml, weights, self.input_hw)
+
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(
+            ColorFormat.BGR
+        )
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
+        model = ppp.build()
+
+        self.plan = plan_runtime(cfg)
+        props = self.plan.properties() if cfg.device.upper().startswith("CPU") else {"PERFORMANCE_HINT": self.plan.hint}
+        try:
+            self._compiled = core.compile_model(model, cfg.device, props)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"cannot compile {xml.name} for {cfg.device}: {_first_line(exc)}") from exc
+        self._request = self._compiled.create_infer_request()
+        self._request_box: Letterbox | None = None
+        self._queue: ov.AsyncInferQueue | None = None
+        log.info(
+            "detector loaded",
+            extra={
+                "model_id": self.model_id,
+                "model_version": self.model_version,
+                "device": cfg.device,
+                "hint": self.plan.hint,
+                "threads": self.plan.threads,
+                "streams": self.plan.streams,
+                "inflight": self.plan.inflight,
+            },
+        )
+
+    def _decode(self, output: np.ndarray, box: Letterbox) -> Detections:
+        return decode(
+            output,
+            box,
+            conf_threshold=self.cfg.conf_threshold,
+            iou_threshold=self.cfg.iou_threshold,
+            classes=self._classes,
+            max_detections=self.cfg.max_detections,
+        )
+
+    def detect(self, image_bgr: np.ndarray) -> Detections:
+        """One frame, synchronously (uses its own request, so it never disturbs ``stream``)."""
+        canvas = self._request.get_input_tensor().data[0]
+        box = letterbox_into(image_bgr, canvas, self._request_box)
+        self._request_box = box
+        self._request.infer()
+        return self._decode(self._request.get_output_tensor(0).data, box)
+
+    def stream(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, Detections]]:
+        """Detect on every frame with up to ``plan.inflight`` requests in flight; yields in input order.
+
+        A frame that cannot be processed (wrong shape or dtype) raises, after the requests in
+        flight have finished, so no result of an earlier frame is lost silently.
+        """
+        n = self.plan.inflight
+        if self._queue is None:
+            self._queue = ov.AsyncInferQueue(self._compiled, n)
+        queue = self._queue
+        boxes: list[Letterbox | None] = [None] * n  # geometry last written into each request's canvas
+        done: dict[int, tuple[Frame, Detections] | BaseException] = {}
+        cond = threading.Condition()
+
+        def on_done(request: ov.InferRequest, userdata: tuple[int, Frame, Letterbox]) -> None:
+            seq, frame, box = userdata
+            try:
+                result: tuple[Frame, Detections] | BaseException = (
+                    frame,
+                    self._decode(request.get_output_tensor(0).data, box),
+                )
+            except BaseException as exc:  # handed to the caller's thread
+                result = exc
+            with cond:
+                done[seq] = result
+                cond.notify_all()
+
+        queue.set_callback(on_done)
+        submitted = 0
+        next_out = 0
+        try:
+            for frame in frames:
+                rid = queue.get_idle_request_id()  # blocks while all requests are busy
+                canvas = queue[rid].get_input_tensor().data[0]
+                boxes[rid] = letterbox_into(frame.image, canvas, boxes[rid])
+                queue.start_async(None, (submitted, frame, boxes[rid]))
+                submitted += 1
+                while True:
+                    with cond:
+                        item = done.pop(next_out, None)
+                    if item is None:
+                        break
+                    next_out += 1
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            while next_out < submitted:
+                with cond:
+                    while next_out not in done:
+                        cond.wait()
+                    item = done.pop(next_out)
+                next_out += 1
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            queue.wait_all()
+
+    def close(self) -> None:
+        if self._queue is not None:
+            self._queue.wait_all()
+        self._queue = None
+        self._request = None  # type: ignore[assignment]
+        self._compiled = None  # type: ignore[assignment]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith("Exception from")]
+    return (useful or lines or [type(exc).__name__])[-1]
