@@ -45,3 +45,11 @@ bench-env:
       .venv-bench/bin/pip install -q torch==2.14.1 torchvision==0.29.1
       .venv-bench/bin/pip install -q -e ".[appliance,bench]"
     fi
+
+# Re-ID Rank-1/mAP of every embedder + gender accuracy on the Market subset → results/eval-reid.{json,png}
+eval-reid assets=assets:
+    python -m server.eval_reid {{assets}}
+
+# embedding-stage throughput (crops/s) on this machine's CPU/GPU → results/bench-embed.{json,png}
+bench-embed assets=assets *ARGS:
+    python -m server.bench_embed {{assets}} {{ARGS}}

@@ -38,8 +38,8 @@ class IntelGenderConfig(StrictModel):
 
     type: Literal["intel_0230"] = "intel_0230"
     precision: Literal["FP32", "FP16", "FP16-INT8"] | None = Field(None, description="None = best present.")
-    flip_average: bool = Field(True, description="Average the score of the crop and its mirror image "
-                               "(test-time augmentation; costs 2× compute, see docs/server-models.md).")
+    flip_average: bool = Field(False, description="Average the score of the crop and its mirror image (2× compute; "
+                               "measured: +0.3 pt per image, −4 pt per identity, so off; docs/server-models.md).")
     device: str = "CPU"
     batch_size: int = Field(64, ge=1, le=4096)
     threads: int = Field(0, ge=0, le=256)
