@@ -1,0 +1,146 @@
+"""Streamlit plumbing shared by the pages: config, store connection, login state, filters, errors.
+
+Process-wide objects (config, store engine, authenticator, live feed, embedder) are cached with
+``st.cache_resource`` so every browser session shares one of each; per-user state (who is logged
+in, filter choices) lives in ``st.session_state``. Pages call :func:`store_or_stop`, which shows
+what is wrong (no store yet, unreachable database) and stops the page instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import streamlit as st
+from sqlalchemy.engine import Engine
+
+from common.configfile import ConfigError
+from dashboard import queries
+from dashboard.auth import Authenticator
+from dashboard.config import DashboardConfig, load_dashboard_config
+from dashboard.privacy import PrivacySettings, load_settings
+
+
+@st.cache_resource(show_spinner=False)
+def _config_cached(_key: str) -> DashboardConfig:
+    return load_dashboard_config()
+
+
+def config() -> DashboardConfig:
+    import os
+
+    from dashboard.config import CONFIG_ENV
+
+    try:
+        return _config_cached(os.environ.get(CONFIG_ENV, ""))
+    except ConfigError as exc:
+        st.error(f"The dashboard config is invalid, so nothing can be shown.\n\n```\n{exc}\n```")
+        st.stop()
+        raise  # unreachable: st.stop() raises
+
+
+@st.cache_resource(show_spinner=False)
+def authenticator(_cfg_id: int, _cfg: DashboardConfig) -> Authenticator:
+    return Authenticator(_cfg.auth)
+
+
+@st.cache_resource(show_spinner=False, ttl=30)
+def _engine(url: str) -> Engine:
+    return queries.open_store(url)
+
+
+def store_or_stop() -> Engine:
+    """The store engine, or an explanation on the page and a stop."""
+    cfg = config()
+    try:
+        return _engine(cfg.store_url)
+    except queries.StoreUnavailable as exc:
+        st.error(f"**Analytics store unavailable.** {exc}")
+        st.info("Nothing is lost: the server keeps consuming from Kafka and writes once the store is back. "
+                "This page retries on every refresh.")
+        st.stop()
+        raise
+
+
+def privacy() -> PrivacySettings:
+    cfg = config()
+    try:
+        return load_settings(cfg.settings_path, cfg.privacy)
+    except ValueError as exc:
+        st.error(str(exc))
+        st.stop()
+        raise
+
+
+def now_us() -> int:
+    """Wall-clock now, unless the session pinned an 'as of' time (replaying a past day, tests)."""
+    pinned = st.session_state.get("as_of_us")
+    return int(pinned) if pinned else int(time.time() * 1_000_000)
+
+
+def today(cfg: DashboardConfig) -> date:
+    return datetime.fromtimestamp(now_us() / 1e6, ZoneInfo(cfg.timezone)).date()
+
+
+def role() -> str | None:
+    return st.session_state.get("role")
+
+
+def require_role(*roles: str) -> None:
+    if role() not in roles:
+        st.error("This page is for " + " or ".join(roles) + " users. Log in with such an account.")
+        st.stop()
+
+
+def camera_and_date_filters(engine: Engine, cfg: DashboardConfig, key: str,
+                            default_days: int = 7) -> tuple[date, date, list[str] | None, list[str]]:
+    """Date range + camera multiselect in the sidebar; returns (first day, last day, cameras or None, all)."""
+    cams = queries.cameras(engine)["camera_id"].drop_duplicates().tolist()
+    end_default = today(cfg)
+    start_default = end_default - timedelta(days=default_days - 1)
+    with st.sidebar:
+        st.subheader("Filters")
+        picked = st.date_input("Dates", value=(start_default, end_default), key=f"{key}_dates",
+                               max_value=end_default + timedelta(days=1))
+        chosen = st.multiselect("Cameras", cams, default=cams, key=f"{key}_cams",
+                                placeholder="all cameras")
+    if isinstance(picked, tuple | list):
+        first, last = (picked[0], picked[-1]) if picked else (start_default, end_default)
+    else:
+        first = last = picked
+    return first, last, (None if set(chosen) == set(cams) else list(chosen)), cams
+
+
+def range_us(cfg: DashboardConfig, first: date, last: date) -> tuple[int, int]:
+    s, _ = queries.local_day_bounds(first, cfg.timezone)
+    _, e = queries.local_day_bounds(last, cfg.timezone)
+    return s, e
+
+
+def fmt_local(us: int | None, cfg: DashboardConfig, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    if us is None:
+        return "never"
+    return datetime.fromtimestamp(us / 1e6, ZoneInfo(cfg.timezone)).strftime(fmt)
+
+
+def fmt_age(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    s = abs(seconds)
+    if s < 90:
+        return f"{s:.0f} s"
+    if s < 90 * 60:
+        return f"{s / 60:.0f} min"
+    if s < 48 * 3600:
+        return f"{s / 3600:.1f} h"
+    return f"{s / 86400:.1f} days"
+
+
+def empty_state(what: str, todo: str) -> None:
+    st.info(f"**{what}**\n\n{todo}")
+
+
+def csv_button(label: str, df: Any, file_name: str, key: str) -> None:
+    st.download_button(label, df.to_csv(index=False).encode(), file_name=file_name, mime="text/csv", key=key)
