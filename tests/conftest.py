@@ -14,6 +14,9 @@ import pytest
 
 from common.assets import assets_dir
 
+# fleet + agent fixtures (real mosquitto, artifact server, manager, agents)
+pytest_plugins = ["tests.fleetkit"]
+
 
 @pytest.fixture(scope="session")
 def assets() -> Path:
