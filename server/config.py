@@ -1,0 +1,177 @@
+"""The server's one root config: Kafka, batching, models, identity matching, vectors, analytics store.
+
+Defaults are the embedded setup (broker on 127.0.0.1:9092, Qdrant local mode and SQLite under
+./var/server) so ``python -m server run`` works with no file at all; production overrides the
+broker, ``vectors`` (Qdrant server URL) and ``store.url`` (PostgreSQL). Validators do no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from common.configfile import StrictModel
+from schemas.topics import REID_DLQ, REID_INPUT, REID_OUTPUT
+from server.attributes import IntelGenderConfig
+from server.embed.base import IntelReidConfig, OsnetOpenVinoConfig, OsnetTorchConfig
+
+
+class KafkaSettings(StrictModel):
+    """Consumer-group settings. Only the knobs that matter for this workload are exposed; the rest
+    come from :func:`common.kafka.consumer_config` (fetch sizes sized for 20 MB messages)."""
+
+    bootstrap: str = Field("127.0.0.1:9092", description="Kafka bootstrap servers (host:port[,host:port]).")
+    group_id: str = Field("reidfleet-server", min_length=1, description="Consumer group; scale out by "
+                          "starting more consumers with the same group (up to the reid_input partition count).")
+    client_id: str = Field("reidfleet-server", min_length=1)
+    input_topic: str = REID_INPUT
+    output_topic: str = REID_OUTPUT
+    dlq_topic: str = REID_DLQ
+    session_timeout_ms: int = Field(
+        6_000, ge=3_000, le=300_000,
+        description="How fast a dead consumer's partitions move to a live one. Joins take ~half of it on tansu.")
+    max_poll_interval_ms: int = Field(
+        300_000, ge=10_000, le=3_600_000,
+        description="Longest gap between polls before the group evicts us: a cold model load or a slow GPU "
+                    "batch must fit well inside.")
+    fetch_max_wait_ms: int = Field(20, ge=0, le=1_000, description="Broker-side wait for fetch.min.bytes; kept "
+                                   "small so the batching deadline, not the fetch, bounds latency.")
+    produce_results: bool = Field(True, description="Write reid_output messages (one per edge frame).")
+    extra: dict[str, Any] = Field(default_factory=dict, description="Raw librdkafka overrides (e.g. security).")
+
+
+class BatchSettings(StrictModel):
+    """Dynamic batching across cameras: a batch closes at ``max_crops`` crops, ``max_messages`` messages
+    or ``max_wait_ms`` after its first message, whichever comes first."""
+
+    max_crops: int = Field(512, ge=1, le=65_536, description="Crops per embedding batch (GPU: 512-4096).")
+    max_messages: int = Field(2_000, ge=1, le=100_000)
+    max_wait_ms: float = Field(50.0, ge=0.0, le=10_000.0, description="Latency deadline of a batch.")
+    decode_threads: int = Field(0, ge=0, le=256, description="JPEG decode threads (0 = allowed CPUs).")
+
+
+class ValidationSettings(StrictModel):
+    """What counts as an absurd edge frame (such frames go to the dead-letter topic with the reason)."""
+
+    max_frame_side_px: int = Field(16_384, ge=64)
+    box_tolerance_frac: float = Field(0.02, ge=0.0, le=0.5, description="How far a box may poke out of the "
+                                      "frame, as a fraction of the frame size (detectors overshoot a little).")
+    max_detections: int = Field(2_000, ge=1)
+    max_crops: int = Field(500, ge=1)
+    max_crop_bytes: int = Field(8 * 1024 * 1024, ge=1_024)
+    min_crop_side_px: int = Field(4, ge=1)
+    max_clock_skew_s: float = Field(86_400.0, ge=0.0, description="captured_at_us may lie at most this far in "
+                                    "the future of the server's clock.")
+    min_captured_at_us: int = Field(946_684_800_000_000, description="Earliest plausible capture time "
+                                    "(default 2000-01-01).")
+
+
+GenderMode = Literal["off", "filter", "soft"]
+
+
+class GenderSettings(StrictModel):
+    """Gender in matching: ``off`` ignores it, ``filter`` drops candidates confidently of the other gender,
+    ``soft`` adds ``soft_weight * gender_agreement`` to the cosine score (default: a single crop is
+    ~81 % right, so a hard filter throws away true matches; see DESIGN.md)."""
+
+    mode: GenderMode = "soft"
+    model: IntelGenderConfig = Field(default_factory=IntelGenderConfig)
+    soft_weight: float = Field(0.02, ge=0.0, le=1.0, description="Weight of the log-odds agreement term.")
+    filter_confidence: float = Field(0.8, gt=0.5, lt=1.0, description="filter mode: both the track's and the "
+                                     "identity's probability must be at least this sure (or 1 - it) to exclude.")
+
+
+class IdentitySettings(StrictModel):
+    """Per-track matching against the gallery of global identities."""
+
+    match_threshold: float = Field(0.55, ge=-1.0, le=1.0, description="Cosine (plus gender term) at or above "
+                                   "which a track joins an existing identity; below it a new identity is made.")
+    prototypes_per_identity: int = Field(8, ge=1, le=256, description="Bank size: one fused vector per track, "
+                                         "the oldest evicted first.")
+    candidates: int = Field(16, ge=1, le=1_000, description="Gallery neighbours examined per query.")
+    retention_s: float = Field(24 * 3600.0, gt=0.0, description="Identities unseen this long (event time) "
+                               "leave the gallery; analytics rows stay.")
+    expiry_interval_s: float = Field(60.0, gt=0.0)
+    min_crop_quality: float = Field(0.0, ge=0.0, le=1.0, description="Crops below this best-shot quality are "
+                                    "not embedded (the track waits for a better one).")
+    exclude_co_visible: bool = Field(True, description="Two tracks on the same camera at the same time are two "
+                                     "people: never join a track to an identity visible there right now.")
+    co_visible_gap_s: float = Field(1.0, ge=0.0, description="How recent 'right now' is for exclude_co_visible.")
+    track_resume_gap_s: float = Field(60.0, gt=0.0, description="A local track id seen again after this long "
+                                      "(or after it ended) is a new track: appliances reuse ids after restarts.")
+    rematch_new_identities: bool = Field(True, description="A track that founded its identity alone re-queries "
+                                         "the gallery when a better crop arrives and joins an existing identity "
+                                         "if it now matches (fixes identities split by a poor first crop).")
+
+
+class QdrantLocalSettings(StrictModel):
+    type: Literal["qdrant_local"] = "qdrant_local"
+    path: str = Field("./var/server/qdrant", description="Qdrant local-mode folder (one process per folder).")
+    collection: str | None = Field(None, description="None = reid_<embedder model id>: vectors of different "
+                                   "models are not comparable, so each model gets its own gallery.")
+    cache: bool = Field(True, description="Serve searches from an exact in-memory numpy copy, write through "
+                        "to Qdrant (local mode is slow past ~20k points). Single consumer process only.")
+
+
+class QdrantServerSettings(StrictModel):
+    type: Literal["qdrant_server"] = "qdrant_server"
+    url: str = Field("http://127.0.0.1:6333", description="Qdrant server URL.")
+    api_key_env: str | None = Field(None, description="Name of the env variable holding the API key.")
+    collection: str | None = Field(None, description="None = reid_<embedder model id>.")
+    cache: bool = Field(False, description="In-memory copy in front; only safe with a single consumer.")
+    timeout_s: float = Field(10.0, gt=0)
+
+
+class MemorySettings(StrictModel):
+    """Numpy only, nothing persisted: for tests and benchmarks."""
+
+    type: Literal["memory"] = "memory"
+
+
+VectorSettings = Annotated[QdrantLocalSettings | QdrantServerSettings | MemorySettings, Field(discriminator="type")]
+
+
+class StoreSettings(StrictModel):
+    url: str = Field("sqlite:///./var/server/analytics.db", description="SQLAlchemy URL: sqlite:///path "
+                     "(WAL mode) or postgresql+psycopg://user@host/db (password via env).")
+    sighting_bucket_s: int = Field(10, ge=1, le=3_600, description="Sightings are kept per track per bucket.")
+
+    @field_validator("url")
+    @classmethod
+    def _dialect(cls, v: str) -> str:
+        if not (v.startswith("sqlite") or v.startswith("postgresql")):
+            raise ValueError("must be a sqlite:/// or postgresql+psycopg:// URL")
+        return v
+
+
+EmbedderSettings = Annotated[OsnetTorchConfig | OsnetOpenVinoConfig | IntelReidConfig, Field(discriminator="type")]
+
+
+class HealthSettings(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(9310, ge=0, le=65_535, description="0 = any free port.")
+
+
+class ServerConfig(StrictModel):
+    """Root config of ``python -m server``."""
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
+    embedder: EmbedderSettings = Field(default_factory=IntelReidConfig)
+    gender: GenderSettings = Field(default_factory=GenderSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    vectors: VectorSettings = Field(default_factory=QdrantLocalSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    health: HealthSettings = Field(default_factory=HealthSettings)
+    assets: str | None = Field(None, description="Shared assets folder (default ../shared/assets or "
+                               "$REIDFLEET_ASSETS).")
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _topics_differ(self) -> ServerConfig:
+        k = self.kafka
+        if len({k.input_topic, k.output_topic, k.dlq_topic}) != 3:
+            raise ValueError("kafka.input_topic, output_topic and dlq_topic must be three different topics")
+        return self

@@ -1,0 +1,387 @@
+"""The Re-ID consumer: reid_input → decode → embed → gender → match → analytics store → reid_output.
+
+Delivery is at-least-once with idempotent effects. A batch is processed whole, then (1) its vector
+writes are done, (2) its analytics rows commit in one transaction, (3) its reid_output and dead-letter
+messages are flushed, and only then (4) its offsets are stored for the auto-committer. A crash at any
+point replays the batch; deterministic ids (see identity.py) make the replay rewrite the same rows.
+
+Dynamic batching across cameras: messages are pulled until ``batch.max_crops`` crops,
+``batch.max_messages`` messages or ``batch.max_wait_ms`` after the first message, so a GPU sees big
+batches under load while a single quiet camera still gets its ids within the deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common.kafka import consumer_config, producer_config
+from common.service import StopSignal, allowed_cpus
+from schemas.codec import AvroCodec, CodecError
+from server import results
+from server.config import ServerConfig
+from server.identity import IdentityMatcher
+from server.store import AnalyticsStore, BatchWrite
+from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops
+from server.vectors import build_vectors
+
+log = logging.getLogger(__name__)
+
+_STAGES = ("decode", "embed", "gender", "match", "vectors_store", "produce")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        p = "reidfleet_server_"
+        self.messages = Counter(p + "messages_total", "Edge frames consumed, by outcome", ["outcome"],
+                                registry=registry)
+        self.dlq = Counter(p + "dlq_total", "Messages sent to the dead-letter topic", ["error_type"], registry=registry)
+        self.crops = Counter(p + "crops_total", "Person crops embedded", registry=registry)
+        self.batch_crops = Histogram(p + "batch_crops", "Crops per batch", registry=registry,
+                                     buckets=(0, 1, 4, 16, 64, 256, 512, 1024, 2048, 4096, 8192))
+        self.batch_messages = Histogram(p + "batch_messages", "Messages per batch", registry=registry,
+                                        buckets=(1, 4, 16, 64, 256, 1024, 4096, 16384))
+        self.stage = Histogram(p + "stage_seconds", "Time per batch in each stage", ["stage"], registry=registry,
+                               buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+        self.e2e = Histogram(p + "frame_latency_seconds", "Capture to stored result, per frame", registry=registry,
+                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.lag = Gauge(p + "consumer_lag_messages", "High watermark minus position", ["partition"],
+                         registry=registry)
+        self.crops_per_s = Gauge(p + "crops_per_second", "Crops embedded per second over the last ~10 s",
+                                 registry=registry)
+        self.identities = Gauge(p + "gallery_identities", "Identities in the matching gallery", registry=registry)
+        self.assignments = Counter(p + "track_assignments_total", "Track to identity decisions", ["kind"],
+                                   registry=registry)
+
+
+@dataclass
+class Item:
+    """One consumed message on its way through the batch."""
+
+    msg: Message
+    record: dict[str, Any] | None = None
+    crops: list[DecodedCrop] = field(default_factory=list)
+    error: tuple[str, str] | None = None  # (error_type, reason) → dead letter
+
+
+class ReidConsumer:
+    def __init__(self, cfg: ServerConfig, *, stop: StopSignal | None = None,
+                 registry: CollectorRegistry | None = None, embedder: Any = None, gender: Any = None) -> None:
+        from server.attributes import build_gender
+        from server.embed.base import build_embedder
+
+        self.cfg = cfg
+        self.stop = stop or StopSignal(install_handlers=False)
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.embedder = embedder or build_embedder(cfg.embedder, assets=cfg.assets)
+        self.gender = gender if gender is not None or cfg.gender.mode == "off" else \
+            build_gender(cfg.gender.model, assets=cfg.assets)
+        self.vectors = build_vectors(cfg.vectors, self.embedder.dim, self.embedder.model_id)
+        self.store = AnalyticsStore(cfg.store.url)
+        self.matcher = IdentityMatcher(cfg.identity, cfg.gender, self.vectors, self.store, self.embedder.model_id)
+        self.bucket_us = cfg.store.sighting_bucket_s * 1_000_000
+        self.instance = f"{cfg.kafka.group_id}/{socket.gethostname()}/{os.getpid()}"
+        k = cfg.kafka
+        self.consumer = Consumer(consumer_config(
+            k.bootstrap, k.group_id, k.client_id, **{
+                "session.timeout.ms": k.session_timeout_ms,
+                "heartbeat.interval.ms": max(500, k.session_timeout_ms // 4),
+                "max.poll.interval.ms": k.max_poll_interval_ms,
+                "fetch.wait.max.ms": k.fetch_max_wait_ms,
+                "enable.partition.eof": False,
+                **k.extra}))
+        self.producer = Producer(producer_config(k.bootstrap, k.client_id + "-out", **k.extra))
+        self.codec = AvroCodec("edge_frame")
+        self.dlq_codec = AvroCodec("dead_letter")
+        threads = cfg.batch.decode_threads or allowed_cpus()
+        self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jpeg")
+        self._delivery_errors: list[str] = []
+        self._assigned: list[TopicPartition] = []
+        self.last_loop_at = time.monotonic()
+        self.last_batch_at: float | None = None
+        self.batches = 0
+        self._rate: list[tuple[float, int]] = []
+        self._lag_at = 0.0
+        self.metrics.identities.set(self.matcher.gallery_size())
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        stalled = time.monotonic() - self.last_loop_at > self.cfg.kafka.max_poll_interval_ms / 1000 / 2
+        return {"ok": not stalled, "batches": self.batches, "gallery_identities": self.matcher.gallery_size(),
+                "partitions": [tp.partition for tp in self._assigned], "embedder": self.embedder.model_id,
+                "matcher": dict(self.matcher.stats)}
+
+    def _on_assign(self, _c: Consumer, parts: list[TopicPartition]) -> None:
+        self._assigned = list(parts)
+        log.info("partitions assigned", extra={"partitions": [p.partition for p in parts]})
+
+    def _on_revoke(self, _c: Consumer, parts: list[TopicPartition]) -> None:
+        log.info("partitions revoked", extra={"partitions": [p.partition for p in parts]})
+        self._assigned = []
+
+    def run(self) -> None:
+        """Consume until the stop event is set; always closes the consumer (committing stored offsets)."""
+        self.consumer.subscribe([self.cfg.kafka.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
+        try:
+            while not self.stop.is_set():
+                items = self._collect()
+                if items:
+                    self.process(items)
+                self._update_lag()
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self.consumer.close()
+        except (KafkaException, RuntimeError) as exc:
+            log.warning("consumer close failed: %s", exc)
+        self.producer.flush(10)
+        self.pool.shutdown(wait=True)
+        self.vectors.close()
+        self.store.close()
+
+    # --- batching --------------------------------------------------------------------------
+    def _collect(self) -> list[Item]:
+        b = self.cfg.batch
+        items: list[Item] = []
+        n_crops = 0
+        deadline: float | None = None
+        while not self.stop.is_set():
+            self.last_loop_at = time.monotonic()
+            timeout = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
+            msgs = self.consumer.consume(num_messages=min(500, b.max_messages - len(items)), timeout=timeout)
+            for m in msgs:
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        continue
+                    if err.fatal():
+                        raise KafkaException(err)
+                    log.warning("consumer error: %s", err)
+                    continue
+                item = self._parse(m)
+                items.append(item)
+                if item.record is not None:
+                    n_crops += len(item.record["crops"])
+                if deadline is None:
+                    deadline = time.monotonic() + b.max_wait_ms / 1000
+            if items and (n_crops >= b.max_crops or len(items) >= b.max_messages
+                          or (deadline is not None and time.monotonic() >= deadline)):
+                break
+            if not items and not msgs:
+                break  # idle: let the caller refresh lag and check the stop event
+        return items
+
+    def _parse(self, m: Message) -> Item:
+        item = Item(m)
+        try:
+            rec = self.codec.decode(m.value() or b"")
+            check_frame(rec, self.cfg.validation)
+            item.record = rec
+        except CodecError as exc:
+            item.error = (exc.error_type, str(exc))
+        except InvalidFrame as exc:
+            item.error = (exc.error_type, exc.reason)
+        return item
+
+    # --- one batch -------------------------------------------------------------------------
+    def process(self, items: Sequence[Item]) -> None:
+        m = self.metrics
+        t0 = time.perf_counter()
+        ok = [it for it in items if it.record is not None]
+        for it, res in zip(ok, self.pool.map(self._decode_crops, ok), strict=True):
+            if isinstance(res, InvalidFrame):
+                it.error, it.record = (res.error_type, res.reason), None
+            else:
+                it.crops = res
+        ok = [it for it in items if it.record is not None]
+        t1 = time.perf_counter()
+        m.stage.labels("decode").observe(t1 - t0)
+
+        q = self.cfg.identity.min_crop_quality
+        todo = [(i, c) for i, it in enumerate(ok) for c in it.crops if c.quality >= q]
+        images = [c.image_bgr for _, c in todo]
+        embs = self.embedder.embed(images) if images else np.zeros((0, self.embedder.dim), np.float32)
+        t2 = time.perf_counter()
+        m.stage.labels("embed").observe(t2 - t1)
+        males = self.gender.male_probability(images) if (self.gender is not None and images) else None
+        t3 = time.perf_counter()
+        m.stage.labels("gender").observe(t3 - t2)
+
+        per_item: dict[int, list[tuple[DecodedCrop, np.ndarray, float | None]]] = {}
+        for j, (i, c) in enumerate(todo):
+            per_item.setdefault(i, []).append((c, embs[j], None if males is None else float(males[j])))
+        batch = BatchWrite()
+        outputs: list[tuple[bytes, bytes]] = []
+        now_us = time.time_ns() // 1000
+        latest_us = 0
+        for i, it in enumerate(ok):
+            rec = it.record
+            assert rec is not None
+            outputs.append((rec["device_id"].encode(), results.encode(
+                self._apply_frame(rec, per_item.get(i, []), batch, now_us))))
+            latest_us = max(latest_us, rec["captured_at_us"])
+        if latest_us:
+            self.matcher.expire(latest_us, batch)
+        t4 = time.perf_counter()
+        m.stage.labels("match").observe(t4 - t3)
+        self.store.write(batch)
+        t5 = time.perf_counter()
+        m.stage.labels("vectors_store").observe(t5 - t4)
+
+        dead = [it for it in items if it.error is not None]
+        self._produce(outputs, dead)
+        t6 = time.perf_counter()
+        m.stage.labels("produce").observe(t6 - t5)
+        self._store_offsets(items)
+
+        done_us = time.time_ns() // 1000
+        for it in ok:
+            m.e2e.observe(max(0.0, (done_us - it.record["captured_at_us"]) / 1e6))  # type: ignore[index]
+        m.messages.labels("ok").inc(len(ok))
+        m.messages.labels("dlq").inc(len(dead))
+        for it in dead:
+            m.dlq.labels(it.error[0]).inc()  # type: ignore[index]
+        m.crops.inc(len(todo))
+        m.batch_crops.observe(len(todo))
+        m.batch_messages.observe(len(items))
+        m.identities.set(self.matcher.gallery_size())
+        for kind in ("matched", "new", "merged"):
+            m.assignments.labels(kind)  # make the series exist
+        self._tick_rate(len(todo))
+        self.batches += 1
+        self.last_batch_at = time.monotonic()
+
+    def _decode_crops(self, it: Item) -> list[DecodedCrop] | InvalidFrame:
+        try:
+            return decode_crops(it.record, self.cfg.validation)  # type: ignore[arg-type]
+        except InvalidFrame as exc:
+            return exc
+
+    def _apply_frame(self, rec: dict[str, Any], crops: list[tuple[DecodedCrop, np.ndarray, float | None]],
+                     batch: BatchWrite, now_us: int) -> dict[str, Any]:
+        """Crops first (they may give tracks their ids), then every box becomes a sighting and an output row."""
+        dev, cam, at_us, fi = rec["device_id"], rec["camera_id"], rec["captured_at_us"], rec["frame_index"]
+        batch.merge_row(batch.cameras, (dev, cam), {
+            "device_id": dev, "camera_id": cam, "frame_width": rec["frame_width"],
+            "frame_height": rec["frame_height"], "first_frame_at_us": at_us, "last_frame_at_us": at_us,
+            "last_frame_index": fi})
+        before = dict(self.matcher.stats)
+        for c, emb, male in crops:
+            t = self.matcher.track_for(dev, cam, c.track_id, at_us, fi, batch)
+            self.matcher.add_crop(t, emb, male, c.quality, at_us, batch)
+        for kind in ("matched", "new", "merged"):
+            if self.matcher.stats[kind] != before[kind]:
+                self.metrics.assignments.labels(kind).inc(self.matcher.stats[kind] - before[kind])
+        people = []
+        bucket = at_us - at_us % self.bucket_us
+        for d in rec["detections"]:
+            if d["class_id"] != 0:
+                continue
+            xyxy = (d["x1"], d["y1"], d["x2"], d["y2"])
+            if d["track_id"] < 0:
+                people.append(results.person(-1, xyxy, None, 0.0, False, None))
+                continue
+            t = self.matcher.track_for(dev, cam, d["track_id"], at_us, fi, batch)
+            batch.merge_row(batch.sightings, (t.track_uid, bucket), {
+                "track_uid": t.track_uid, "bucket_start_us": bucket, "device_id": dev, "camera_id": cam,
+                "global_id": t.global_id, "first_seen_us": at_us, "last_seen_us": at_us})
+            people.append(results.person(d["track_id"], xyxy, t.global_id, t.similarity or 0.0, t.founded,
+                                         t.male_probability))
+        for tid in rec["ended_track_ids"]:
+            self.matcher.end_track(dev, cam, tid, at_us, batch)
+        return results.reid_result(rec, people, self.embedder.model_id, now_us)
+
+    # --- output and offsets ----------------------------------------------------------------
+    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
+        if err is not None:
+            self._delivery_errors.append(f"{msg.topic()}: {err}")
+
+    def _produce_one(self, topic: str, key: bytes | None, value: bytes) -> None:
+        while True:
+            try:
+                self.producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
+                self.producer.poll(0)
+                return
+            except BufferError:
+                self.producer.poll(0.1)  # local queue full: let deliveries drain
+
+    def _produce(self, outputs: list[tuple[bytes, bytes]], dead: list[Item]) -> None:
+        k = self.cfg.kafka
+        if k.produce_results:
+            for key, value in outputs:
+                self._produce_one(k.output_topic, key, value)
+        for it in dead:
+            assert it.error is not None
+            msg = it.msg
+            log.warning("dead letter", extra={"error_type": it.error[0], "reason": it.error[1],
+                                              "partition": msg.partition(), "offset": msg.offset()})
+            self._produce_one(k.dlq_topic, msg.key(), self.dlq_codec.encode({
+                "source_topic": msg.topic(), "source_partition": msg.partition(), "source_offset": msg.offset(),
+                "key": msg.key(), "value": msg.value(), "reason": it.error[1], "error_type": it.error[0],
+                "consumer": self.instance, "failed_at_us": time.time_ns() // 1000}))
+        remaining = self.producer.flush(30)
+        if remaining or self._delivery_errors:
+            errs, self._delivery_errors = self._delivery_errors[:5], []
+            # Offsets are not stored: the batch will be redelivered and rewritten idempotently.
+            raise RuntimeError(f"could not deliver results/dead letters ({remaining} undelivered): {errs}")
+
+    def _store_offsets(self, items: Sequence[Item]) -> None:
+        last: dict[tuple[str, int], int] = {}
+        for it in items:
+            key = (it.msg.topic(), it.msg.partition())
+            last[key] = max(last.get(key, -1), it.msg.offset())
+        tps = [TopicPartition(t, p, off + 1) for (t, p), off in last.items()]
+        try:
+            self.consumer.store_offsets(offsets=tps)
+        except KafkaException as exc:  # partition revoked meanwhile: its new owner replays, idempotently
+            log.warning("could not store offsets: %s", exc)
+
+    def commit(self) -> None:
+        """Synchronously commit stored offsets (tests and shutdown)."""
+        try:
+            self.consumer.commit(asynchronous=False)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError._NO_OFFSET:
+                raise
+
+    # --- metrics ---------------------------------------------------------------------------
+    def _tick_rate(self, n: int) -> None:
+        now = time.monotonic()
+        self._rate.append((now, n))
+        self._rate = [(t, k) for t, k in self._rate if now - t <= 10.0]
+        span = max(now - self._rate[0][0], 1.0)
+        self.metrics.crops_per_s.set(sum(k for _, k in self._rate) / span)
+
+    def _update_lag(self) -> None:
+        now = time.monotonic()
+        if now - self._lag_at < 5.0 or not self._assigned:
+            return
+        self._lag_at = now
+        try:
+            positions = self.consumer.position(self._assigned)
+            for tp in positions:
+                _lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
+                if tp.offset >= 0:
+                    self.metrics.lag.labels(str(tp.partition)).set(max(0, hi - tp.offset))
+        except KafkaException as exc:
+            log.debug("lag refresh failed: %s", exc)
+
+
+def run_forever(cfg: ServerConfig, stop: StopSignal, on_ready: Callable[[ReidConsumer], None] | None = None) -> None:
+    consumer = ReidConsumer(cfg, stop=stop)
+    if on_ready:
+        on_ready(consumer)
+    consumer.run()

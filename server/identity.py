@@ -1,0 +1,376 @@
+"""Global identities per TRACK: fuse a track's crop embeddings, match the fused vector against the gallery.
+
+Why per track: one query per new track (or per clearly better crop), never per frame, keeps the vector
+store off the hot path, and a quality-weighted mean of several crops is a steadier descriptor than
+any single crop.
+
+Determinism on redelivery (at-least-once Kafka): a track's uid is uuid5 of (device, camera, local id,
+first capture time), a new identity's id is uuid5 of its founding track's uid, and a prototype's point
+id is its track's uid. Before matching, a track looks for itself in the analytics store and then in
+the vector store: if a crashed run already assigned it, it takes that id again instead of matching
+afresh. So replaying a batch neither creates a second identity nor moves a track to another one.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from server.attributes import gender_agreement
+from server.config import GenderSettings, IdentitySettings
+from server.store import AnalyticsStore, BatchWrite
+from server.vectors.base import Prototype, VectorStore
+
+log = logging.getLogger(__name__)
+
+_NS = uuid.UUID("4f0d1c2e-8f5e-5a53-9a57-7265696466c7")  # fixed: ids must be the same in every process
+
+
+def track_uid_for(device_id: str, camera_id: str, track_id: int, first_seen_us: int) -> str:
+    return str(uuid.uuid5(_NS, f"track\x1f{device_id}\x1f{camera_id}\x1f{track_id}\x1f{first_seen_us}"))
+
+
+def identity_id_for(track_uid: str) -> str:
+    return str(uuid.uuid5(_NS, f"identity\x1f{track_uid}"))
+
+
+@dataclass
+class TrackState:
+    track_uid: str
+    device_id: str
+    camera_id: str
+    track_id: int
+    first_seen_us: int
+    last_seen_us: int
+    first_frame_index: int
+    last_frame_index: int
+    global_id: str | None = None
+    similarity: float | None = None
+    founded: bool = False  # this track created its identity
+    emb_sum: np.ndarray | None = None
+    weight: float = 0.0
+    male_sum: float = 0.0
+    male_weight: float = 0.0
+    n_crops: int = 0
+    ended: bool = False
+
+    @property
+    def camera(self) -> tuple[str, str]:
+        return (self.device_id, self.camera_id)
+
+    @property
+    def male_probability(self) -> float | None:
+        return self.male_sum / self.male_weight if self.male_weight > 0 else None
+
+    def fused(self) -> np.ndarray | None:
+        if self.emb_sum is None:
+            return None
+        n = float(np.linalg.norm(self.emb_sum))
+        return (self.emb_sum / max(n, 1e-12)).astype(np.float32)
+
+
+@dataclass
+class IdentityState:
+    global_id: str
+    first_seen_us: int
+    last_seen_us: int
+    male_sum: float = 0.0
+    male_n: int = 0
+    n_tracks: int = 0
+    prototypes: dict[str, int] = field(default_factory=dict)  # point id (track uid) -> last_seen_us
+    # track uid -> (camera, last_seen_us) of tracks currently following this identity
+    active: dict[str, tuple[tuple[str, str], int]] = field(default_factory=dict)
+
+    @property
+    def male_probability(self) -> float | None:
+        return self.male_sum / self.male_n if self.male_n else None
+
+
+@dataclass(frozen=True)
+class Assignment:
+    global_id: str
+    similarity: float
+    is_new: bool
+
+
+class IdentityMatcher:
+    """Owns track and identity state of one consumer process; writes go into the caller's BatchWrite."""
+
+    def __init__(self, cfg: IdentitySettings, gender: GenderSettings, vectors: VectorStore,
+                 store: AnalyticsStore, embedder_id: str) -> None:
+        self.cfg = cfg
+        self.gender = gender
+        self.vectors = vectors
+        self.store = store
+        self.embedder_id = embedder_id
+        self.tracks: dict[tuple[str, str, int], TrackState] = {}
+        self.identities: dict[str, IdentityState] = {}
+        self._gap_us = int(cfg.track_resume_gap_s * 1e6)
+        self._co_gap_us = int(cfg.co_visible_gap_s * 1e6)
+        self._last_expiry_us = 0
+        self.stats = {"matched": 0, "new": 0, "merged": 0, "resumed": 0, "expired": 0, "queries": 0}
+        for row in store.live_identities():
+            self.identities[row["global_id"]] = IdentityState(
+                row["global_id"], row["first_seen_us"], row["last_seen_us"],
+                male_sum=row["male_probability"] or 0.0, male_n=1 if row["male_probability"] is not None else 0,
+                n_tracks=row["n_tracks"])
+        for proto in vectors.scroll():
+            ident = self.identities.get(proto.global_id)
+            if ident is not None:
+                ident.prototypes[proto.point_id] = int(proto.payload.get("last_seen_us", ident.last_seen_us))
+
+    # --- tracks ----------------------------------------------------------------------------
+    def track_for(self, device_id: str, camera_id: str, track_id: int, at_us: int, frame_index: int,
+                  batch: BatchWrite) -> TrackState:
+        """The track this detection belongs to: in memory, else resumed from the store, else new."""
+        key = (device_id, camera_id, track_id)
+        t = self.tracks.get(key)
+        if t is not None and (t.first_seen_us <= at_us <= t.last_seen_us
+                              or (not t.ended and at_us - t.last_seen_us <= self._gap_us and at_us >= t.first_seen_us)):
+            self._observe(t, at_us, frame_index, batch)
+            return t
+        row = self.store.find_track(device_id, camera_id, track_id, at_us, self._gap_us)
+        if row is not None:
+            t = TrackState(row["track_uid"], device_id, camera_id, track_id, row["first_seen_us"],
+                           row["last_seen_us"], row["first_frame_index"], row["last_frame_index"],
+                           global_id=row["global_id"], similarity=row["match_similarity"],
+                           founded=bool(row["is_new_identity"]), n_crops=row["n_crops"], ended=bool(row["ended"]))
+            if row["male_probability"] is not None:
+                t.male_sum, t.male_weight = float(row["male_probability"]), 1.0
+            own = self.vectors.retrieve([t.track_uid]).get(t.track_uid)
+            if own is not None:  # continue fusing from the stored prototype
+                t.emb_sum, t.weight = own.vector.astype(np.float32) * 1.0, 1.0
+            self.stats["resumed"] += 1
+        else:
+            uid = track_uid_for(device_id, camera_id, track_id, at_us)
+            t = TrackState(uid, device_id, camera_id, track_id, at_us, at_us, frame_index, frame_index)
+        self.tracks[key] = t
+        self._observe(t, at_us, frame_index, batch)
+        return t
+
+    def _observe(self, t: TrackState, at_us: int, frame_index: int, batch: BatchWrite) -> None:
+        t.first_seen_us = min(t.first_seen_us, at_us)
+        t.last_seen_us = max(t.last_seen_us, at_us)
+        t.first_frame_index = min(t.first_frame_index, frame_index)
+        t.last_frame_index = max(t.last_frame_index, frame_index)
+        if t.global_id is not None:
+            ident = self._identity(t.global_id, at_us)
+            ident.last_seen_us = max(ident.last_seen_us, at_us)
+            ident.active[t.track_uid] = (t.camera, t.last_seen_us)
+            if t.track_uid in ident.prototypes:
+                ident.prototypes[t.track_uid] = max(ident.prototypes[t.track_uid], at_us)
+            self._write_identity(ident, batch)
+        self._write_track(t, batch)
+
+    def end_track(self, device_id: str, camera_id: str, track_id: int, at_us: int, batch: BatchWrite) -> None:
+        t = self.tracks.pop((device_id, camera_id, track_id), None)
+        if t is None:
+            row = self.store.find_track(device_id, camera_id, track_id, at_us, self._gap_us)
+            if row is None:
+                return
+            batch.tracks[row["track_uid"]] = {**row, "ended": True}
+            return
+        t.ended = True
+        if t.global_id is not None and t.global_id in self.identities:
+            self.identities[t.global_id].active.pop(t.track_uid, None)
+        self._write_track(t, batch)
+
+    # --- crops -----------------------------------------------------------------------------
+    def add_crop(self, t: TrackState, embedding: np.ndarray, male_probability: float | None, quality: float,
+                 at_us: int, batch: BatchWrite) -> Assignment:
+        """Fold one crop into the track, (re)match if needed, refresh the track's prototype."""
+        w = max(float(quality), 0.05)
+        emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        t.emb_sum = emb * w if t.emb_sum is None else t.emb_sum + emb * w
+        t.weight += w
+        t.n_crops += 1
+        if male_probability is not None:
+            t.male_sum += w * float(male_probability)
+            t.male_weight += w
+        fused = t.fused()
+        assert fused is not None
+        if t.global_id is None:
+            a = self._assign(t, fused, at_us, batch)
+        elif (self.cfg.rematch_new_identities and t.founded
+              and self._identity(t.global_id, at_us).n_tracks <= 1):
+            a = self._rematch(t, fused, at_us, batch)
+        else:
+            a = Assignment(t.global_id, t.similarity or 0.0, t.founded)
+        self._put_prototype(t, fused, at_us, batch)
+        self._write_track(t, batch)
+        return a
+
+    def _assign(self, t: TrackState, fused: np.ndarray, at_us: int, batch: BatchWrite) -> Assignment:
+        own = self.vectors.retrieve([t.track_uid]).get(t.track_uid)
+        if own is not None:  # redelivery: this track was already assigned by a run that did not commit
+            gid, sim, new = own.global_id, float(own.payload.get("similarity", 1.0)), \
+                own.global_id == identity_id_for(t.track_uid)
+            self.stats["resumed"] += 1
+        else:
+            best = self._best_candidate(t, fused, exclude=None)
+            if best is not None and best[1] >= self.cfg.match_threshold:
+                gid, sim, new = best[0], best[1], False
+                self.stats["matched"] += 1
+            else:
+                gid, sim, new = identity_id_for(t.track_uid), 0.0, True
+                self.stats["new"] += 1
+        self._join(t, gid, sim, new, at_us, batch)
+        return Assignment(gid, sim, new)
+
+    def _rematch(self, t: TrackState, fused: np.ndarray, at_us: int, batch: BatchWrite) -> Assignment:
+        """A track alone in the identity it founded: does its better view now match someone known?"""
+        assert t.global_id is not None
+        best = self._best_candidate(t, fused, exclude=t.global_id)
+        if best is None or best[1] < self.cfg.match_threshold:
+            return Assignment(t.global_id, t.similarity or 0.0, True)
+        old = t.global_id
+        old_ident = self.identities.pop(old, None)
+        self.vectors.delete_identities([old])
+        batch.merges[old] = best[0]
+        batch.identities.pop(old, None)
+        t.global_id = None
+        t.founded = False
+        self._join(t, best[0], best[1], False, at_us, batch)
+        self.stats["merged"] += 1
+        if old_ident is not None:  # carry the provisional identity's other live tracks over (none expected)
+            for uid in old_ident.active:
+                for other in self.tracks.values():
+                    if other.track_uid == uid and other is not t:
+                        other.global_id = best[0]
+                        batch.assignments[uid] = best[0]
+        log.debug("merged provisional identity", extra={"from": old, "into": best[0], "similarity": best[1]})
+        return Assignment(best[0], best[1], False)
+
+    def _best_candidate(self, t: TrackState, fused: np.ndarray, exclude: str | None) -> tuple[str, float] | None:
+        self.stats["queries"] += 1
+        neigh = self.vectors.search(fused, self.cfg.candidates, self.cfg.prototypes_per_identity)
+        p_track = t.male_probability
+        best: tuple[str, float] | None = None
+        for n in neigh:
+            if n.global_id == exclude:
+                continue
+            ident = self.identities.get(n.global_id)
+            if ident is not None and self.cfg.exclude_co_visible and self._co_visible(ident, t):
+                continue
+            score = n.score
+            p_id = ident.male_probability if ident is not None else None
+            if p_track is not None and p_id is not None and self.gender.mode != "off":
+                if self.gender.mode == "filter":
+                    c = self.gender.filter_confidence
+                    if (p_track >= c and p_id <= 1 - c) or (p_track <= 1 - c and p_id >= c):
+                        continue
+                else:
+                    score += self.gender.soft_weight * float(gender_agreement(p_track, np.array([p_id]))[0])
+            if best is None or score > best[1]:
+                best = (n.global_id, score)
+        return best
+
+    def _co_visible(self, ident: IdentityState, t: TrackState) -> bool:
+        """Is another track of this identity on the same camera during this track's lifetime?"""
+        for uid, (cam, last_us) in list(ident.active.items()):
+            if uid == t.track_uid:
+                continue
+            if last_us < t.first_seen_us - self._co_gap_us:
+                if last_us < t.last_seen_us - self._gap_us:
+                    ident.active.pop(uid, None)  # long gone: forget it
+                continue
+            if cam == t.camera:
+                return True
+        return False
+
+    def _join(self, t: TrackState, gid: str, sim: float, new: bool, at_us: int, batch: BatchWrite) -> None:
+        t.global_id, t.similarity, t.founded = gid, sim, new
+        ident = self.identities.get(gid)
+        if ident is None:
+            ident = self._identity(gid, at_us)
+            ident.first_seen_us = min(ident.first_seen_us, t.first_seen_us)
+        ident.n_tracks += 1
+        if t.male_probability is not None:
+            ident.male_sum += t.male_probability
+            ident.male_n += 1
+        ident.last_seen_us = max(ident.last_seen_us, t.last_seen_us)
+        ident.active[t.track_uid] = (t.camera, t.last_seen_us)
+        batch.assignments[t.track_uid] = gid
+        if new:
+            batch.identities[gid] = {
+                "global_id": gid, "embedder_id": self.embedder_id, "first_seen_us": t.first_seen_us,
+                "last_seen_us": t.last_seen_us, "first_device_id": t.device_id, "first_camera_id": t.camera_id,
+                "founding_track_uid": t.track_uid, "male_probability": ident.male_probability,
+                "n_tracks": ident.n_tracks}
+        self._write_identity(ident, batch)
+
+    def _identity(self, gid: str, at_us: int) -> IdentityState:
+        ident = self.identities.get(gid)
+        if ident is None:
+            ident = IdentityState(gid, at_us, at_us)
+            self.identities[gid] = ident
+        return ident
+
+    def _put_prototype(self, t: TrackState, fused: np.ndarray, at_us: int, batch: BatchWrite) -> None:
+        assert t.global_id is not None
+        ident = self._identity(t.global_id, at_us)
+        ident.prototypes[t.track_uid] = t.last_seen_us
+        doomed: list[str] = []
+        while len(ident.prototypes) > self.cfg.prototypes_per_identity:
+            oldest = min((p for p in ident.prototypes if p != t.track_uid), key=ident.prototypes.__getitem__)
+            del ident.prototypes[oldest]
+            doomed.append(oldest)
+        if doomed:
+            self.vectors.delete_points(doomed)
+        self.vectors.upsert([Prototype(t.track_uid, t.global_id, fused, {
+            "male_probability": ident.male_probability, "cameras": sorted({c[1] for c, _ in ident.active.values()}
+                                                                           | {t.camera_id}),
+            "first_seen_us": ident.first_seen_us, "last_seen_us": t.last_seen_us,
+            "sightings": ident.n_tracks, "similarity": t.similarity or 0.0, "device_id": t.device_id})])
+
+    # --- rows ------------------------------------------------------------------------------
+    def _write_track(self, t: TrackState, batch: BatchWrite) -> None:
+        batch.tracks[t.track_uid] = {
+            "track_uid": t.track_uid, "device_id": t.device_id, "camera_id": t.camera_id, "track_id": t.track_id,
+            "global_id": t.global_id, "first_seen_us": t.first_seen_us, "last_seen_us": t.last_seen_us,
+            "first_frame_index": t.first_frame_index, "last_frame_index": t.last_frame_index,
+            "n_crops": t.n_crops, "male_probability": t.male_probability, "match_similarity": t.similarity,
+            "is_new_identity": t.founded, "ended": t.ended}
+
+    def _write_identity(self, ident: IdentityState, batch: BatchWrite) -> None:
+        row = batch.identities.get(ident.global_id)
+        if row is None:
+            # Existing identity: only the mergeable columns matter (the insert branch never fires);
+            # still give every NOT NULL column a value so the statement is valid.
+            row = {"global_id": ident.global_id, "embedder_id": self.embedder_id,
+                   "first_seen_us": ident.first_seen_us, "first_device_id": "", "first_camera_id": "",
+                   "founding_track_uid": ""}
+            batch.identities[ident.global_id] = row
+        row.update(last_seen_us=ident.last_seen_us, male_probability=ident.male_probability,
+                   n_tracks=ident.n_tracks)
+
+    # --- housekeeping ----------------------------------------------------------------------
+    def expire(self, now_us: int, batch: BatchWrite) -> list[str]:
+        """Drop identities unseen for ``retention_s`` (event time) from the gallery; forget stale tracks."""
+        if now_us - self._last_expiry_us < int(self.cfg.expiry_interval_s * 1e6):
+            return []
+        self._last_expiry_us = now_us
+        cutoff = now_us - int(self.cfg.retention_s * 1e6)
+        doomed = [gid for gid, ident in self.identities.items() if ident.last_seen_us < cutoff and not ident.active]
+        if doomed:
+            self.vectors.delete_identities(doomed)
+            for gid in doomed:
+                del self.identities[gid]
+                batch.expired[gid] = now_us
+            self.stats["expired"] += len(doomed)
+        stale = [k for k, t in self.tracks.items() if t.last_seen_us < now_us - self._gap_us]
+        for k in stale:
+            t = self.tracks.pop(k)
+            if t.global_id in self.identities:
+                self.identities[t.global_id].active.pop(t.track_uid, None)
+        return doomed
+
+    def gallery_size(self) -> int:
+        return len(self.identities)
+
+    def live_tracks(self) -> Iterable[TrackState]:
+        return self.tracks.values()

@@ -1,0 +1,86 @@
+"""The vector-store contract the identity matcher codes against, and how a config picks a backend.
+
+A *prototype* is one track's fused, unit-length appearance vector; an identity owns a small bank of
+them. Point ids are the track uids, so writing the same track again (redelivery after a crash)
+overwrites the same point instead of adding one. ``search`` returns the best prototype per identity,
+so the matcher ranks identities, not crops.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Prototype:
+    point_id: str  # uuid string: the track uid that produced the vector
+    global_id: str
+    vector: np.ndarray  # (dim,) float32, unit length
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Neighbour:
+    global_id: str
+    point_id: str
+    score: float  # cosine similarity
+
+
+@runtime_checkable
+class VectorStore(Protocol):
+    dim: int
+
+    def upsert(self, protos: Sequence[Prototype]) -> None: ...
+
+    def search(self, query: np.ndarray, limit: int, bank_size: int) -> list[Neighbour]:
+        """Best-scoring prototype of each of the ``limit`` nearest identities, best first.
+
+        ``bank_size`` (the most prototypes one identity can hold) lets a backend fetch enough points
+        to be sure of ``limit`` distinct identities.
+        """
+        ...
+
+    def delete_points(self, point_ids: Sequence[str]) -> None: ...
+
+    def delete_identities(self, global_ids: Sequence[str]) -> None: ...
+
+    def retrieve(self, point_ids: Sequence[str]) -> dict[str, Prototype]: ...
+
+    def scroll(self) -> Iterator[Prototype]: ...
+
+    def count(self) -> int: ...
+
+    def close(self) -> None: ...
+
+
+VECTOR_STORES: dict[str, str] = {
+    "memory": "server.vectors.memory:MemoryVectorStore",
+    "qdrant_local": "server.vectors.qdrant:QdrantVectorStore",
+    "qdrant_server": "server.vectors.qdrant:QdrantVectorStore",
+}
+
+
+def build_vectors(cfg: Any, dim: int, model_id: str) -> VectorStore:
+    """Build the configured store; Qdrant backends get an in-memory cache in front when ``cache`` is set."""
+    if cfg.type not in VECTOR_STORES:
+        raise ValueError(f"unknown vector store {cfg.type!r}; known: {', '.join(sorted(VECTOR_STORES))}")
+    module_name, _, cls_name = VECTOR_STORES[cfg.type].partition(":")
+    cls = getattr(importlib.import_module(module_name), cls_name)
+    store: VectorStore = cls(cfg, dim=dim, model_id=model_id)
+    if getattr(cfg, "cache", False):
+        from server.vectors.memory import CachedVectorStore
+
+        store = CachedVectorStore(store)
+    return store
+
+
+def collection_name(cfg: Any, model_id: str) -> str:
+    """Each embedder model gets its own collection: vectors of different models are not comparable."""
+    if getattr(cfg, "collection", None):
+        return str(cfg.collection)
+    return "reid_" + "".join(ch if ch.isalnum() or ch in "_-" else "_" for ch in model_id)

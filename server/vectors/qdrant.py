@@ -1,0 +1,123 @@
+"""Qdrant backend: local mode (``QdrantClient(path=...)``, the embedded default) or a Qdrant server URL.
+
+Payload per prototype: ``global_id``, ``male_probability``, ``cameras``, ``first_seen_us``,
+``last_seen_us``, ``sightings``; indexed (server mode honours the indexes, local mode ignores them) so
+production can filter candidates by gender or recency, and expiry can delete by identity.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from server.vectors.base import Neighbour, Prototype, collection_name
+
+log = logging.getLogger(__name__)
+
+_INDEXES = {
+    "global_id": "keyword",
+    "cameras": "keyword",
+    "male_probability": "float",
+    "last_seen_us": "integer",
+}
+
+
+class QdrantVectorStore:
+    def __init__(self, cfg: Any, *, dim: int, model_id: str) -> None:
+        from qdrant_client import QdrantClient, models
+
+        self._models = models
+        self.dim = dim
+        self.collection = collection_name(cfg, model_id)
+        if cfg.type == "qdrant_local":
+            Path(cfg.path).mkdir(parents=True, exist_ok=True)
+            self.client = QdrantClient(path=cfg.path)
+            where = f"local:{cfg.path}"
+        else:
+            api_key = os.environ.get(cfg.api_key_env) if cfg.api_key_env else None
+            if cfg.api_key_env and not api_key:
+                raise ValueError(f"vectors.api_key_env names {cfg.api_key_env}, which is not set")
+            self.client = QdrantClient(url=cfg.url, api_key=api_key, timeout=int(cfg.timeout_s))
+            where = cfg.url
+        if self.client.collection_exists(self.collection):
+            info = self.client.get_collection(self.collection)
+            have = info.config.params.vectors.size  # type: ignore[union-attr]
+            if have != dim:
+                raise ValueError(f"Qdrant collection {self.collection!r} at {where} holds {have}-d vectors but the "
+                                 f"embedder makes {dim}-d ones: set vectors.collection to a new name")
+        else:
+            self.client.create_collection(
+                self.collection, vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # local mode warns that it ignores payload indexes
+                for field_name, schema in _INDEXES.items():
+                    self.client.create_payload_index(self.collection, field_name, field_schema=schema)
+        log.info("vector store ready", extra={"collection": self.collection, "where": where,
+                                              "points": self.count()})
+
+    def upsert(self, protos: Sequence[Prototype]) -> None:
+        if not protos:
+            return
+        m = self._models
+        points = [m.PointStruct(id=p.point_id, vector=np.asarray(p.vector, dtype=np.float32).tolist(),
+                                payload={**p.payload, "global_id": p.global_id}) for p in protos]
+        self.client.upsert(self.collection, points=points, wait=True)
+
+    def search(self, query: np.ndarray, limit: int, bank_size: int) -> list[Neighbour]:
+        res = self.client.query_points(self.collection, query=np.asarray(query, dtype=np.float32).tolist(),
+                                       limit=max(1, limit * bank_size), with_payload=["global_id"])
+        out: list[Neighbour] = []
+        seen: set[str] = set()
+        for pt in res.points:
+            gid = str(pt.payload["global_id"])  # type: ignore[index]
+            if gid in seen:
+                continue
+            seen.add(gid)
+            out.append(Neighbour(gid, str(pt.id), float(pt.score)))
+            if len(out) == limit:
+                break
+        return out
+
+    def delete_points(self, point_ids: Sequence[str]) -> None:
+        if point_ids:
+            self.client.delete(self.collection, points_selector=self._models.PointIdsList(points=list(point_ids)))
+
+    def delete_identities(self, global_ids: Sequence[str]) -> None:
+        if not global_ids:
+            return
+        m = self._models
+        flt = m.Filter(must=[m.FieldCondition(key="global_id", match=m.MatchAny(any=list(global_ids)))])
+        self.client.delete(self.collection, points_selector=m.FilterSelector(filter=flt))
+
+    def _proto(self, rec: Any) -> Prototype:
+        payload = dict(rec.payload or {})
+        gid = str(payload.pop("global_id"))
+        return Prototype(str(rec.id), gid, np.asarray(rec.vector, dtype=np.float32), payload)
+
+    def retrieve(self, point_ids: Sequence[str]) -> dict[str, Prototype]:
+        if not point_ids:
+            return {}
+        recs = self.client.retrieve(self.collection, ids=list(point_ids), with_vectors=True, with_payload=True)
+        return {str(r.id): self._proto(r) for r in recs}
+
+    def scroll(self) -> Iterator[Prototype]:
+        offset = None
+        while True:
+            recs, offset = self.client.scroll(self.collection, limit=2048, offset=offset, with_vectors=True,
+                                              with_payload=True)
+            for r in recs:
+                yield self._proto(r)
+            if offset is None:
+                return
+
+    def count(self) -> int:
+        return int(self.client.count(self.collection, exact=True).count)
+
+    def close(self) -> None:
+        self.client.close()

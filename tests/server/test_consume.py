@@ -1,0 +1,126 @@
+"""The consumer end to end on a real broker, real crops, real models, real Qdrant local mode and SQLite."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from schemas.codec import AvroCodec
+from server.consume import ReidConsumer
+from server.edge_records import Box, edge_frame
+from server.store import AnalyticsStore
+from tests.server.conftest import Market, produce, read_all, server_config
+
+pytestmark = pytest.mark.integration
+
+EDGE = AvroCodec("edge_frame")
+OUT = AvroCodec("reid_output")
+DLQ = AvroCodec("dead_letter")
+
+
+def track_frames(device: str, camera: str, t0_us: int, people: dict[int, list[bytes]], n_frames: int = 8,
+                 crop_every: int = 3) -> list[dict]:
+    """``people``: local track id -> its crops. Each track walks across the frame; crops on every
+    ``crop_every``-th frame (first NEW_TRACK, then IMPROVED with rising quality); tracks end after the last frame."""
+    frames = []
+    for f in range(n_frames + 1):
+        boxes = []
+        if f < n_frames:
+            for slot, (tid, crops) in enumerate(people.items()):
+                x = 50 + 40 * f + 300 * slot
+                k = f // crop_every
+                crop = crops[k] if f % crop_every == 0 and k < len(crops) else None
+                boxes.append(Box(tid, (x, 100, x + 64, 228), crop_jpeg=crop, quality=0.4 + 0.1 * k,
+                                 reason="NEW_TRACK" if f == 0 else "IMPROVED"))
+        frames.append(edge_frame(device, camera, f, t0_us + f * 200_000, boxes,
+                                 ended_track_ids=list(people) if f == n_frames else ()))
+    return frames
+
+
+def run_until(consumer: ReidConsumer, done: callable, timeout_s: float = 120.0) -> None:
+    th = threading.Thread(target=consumer.run, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not done() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        consumer.stop.set()
+        th.join(30)
+    assert not th.is_alive()
+
+
+def test_same_person_two_cameras_one_id_others_distinct(kafka_bootstrap: str, topics: dict[str, str],
+                                                         market: Market, tmp_path: Path) -> None:
+    t0 = (time.time_ns() // 1000) - 120_000_000
+    cam_a = track_frames("dev-1", "cam-a", t0, {1: market.crops("0001", 0), 2: market.crops("0004", 0)})
+    cam_b = track_frames("dev-2", "cam-b", t0 + 10_000_000, {7: market.crops("0001", 1), 8: market.crops("0005", 1)})
+    frames = cam_a + cam_b
+    produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
+
+    cfg = server_config(kafka_bootstrap, topics, tmp_path)
+    consumer = ReidConsumer(cfg)
+    outs: list[bytes] = []
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    outs = read_all(kafka_bootstrap, topics["reid_output"], len(frames))
+    assert len(outs) == len(frames)
+
+    gid: dict[tuple[str, int], set[str]] = {}
+    for raw in outs:
+        rec = OUT.decode(raw)
+        assert rec["embedder_id"] == consumer.embedder.model_id
+        for p in rec["people"]:
+            assert p["global_id"] is not None, "every box here belongs to a track whose first frame had a crop"
+            gid.setdefault((rec["camera_id"], p["track_id"]), set()).add(p["global_id"])
+    assert all(len(v) == 1 for v in gid.values()), gid  # a track keeps one id for its whole life
+    ids = {k: next(iter(v)) for k, v in gid.items()}
+    assert ids[("cam-a", 1)] == ids[("cam-b", 7)], "person 0001 on two cameras must get one global id"
+    assert len({ids[("cam-a", 1)], ids[("cam-a", 2)], ids[("cam-b", 8)]}) == 3, "three people, three ids"
+
+    store = AnalyticsStore(cfg.store.url)
+    with store.engine.connect() as c:
+        assert c.execute(sa.text("select count(*) from identities where merged_into is null")).scalar() == 3
+        assert c.execute(sa.text("select count(*) from tracks where ended")).scalar() == 4
+        assert c.execute(sa.text("select count(*) from tracks where global_id is null")).scalar() == 0
+        trans = c.execute(sa.text("select from_camera_id, to_camera_id, global_id from transitions")).all()
+        assert [tuple(t) for t in trans] == [("cam-a", "cam-b", ids[("cam-a", 1)])]
+        # Every frame of every track lies inside a stored sighting of that track.
+        spans = c.execute(sa.text("select t.camera_id, t.track_id, min(s.first_seen_us), max(s.last_seen_us) "
+                                  "from sightings s join tracks t using (track_uid) group by t.track_uid")).all()
+    assert {(r[0], r[1]): (r[2], r[3]) for r in spans} == {
+        ("cam-a", 1): (t0, t0 + 7 * 200_000), ("cam-a", 2): (t0, t0 + 7 * 200_000),
+        ("cam-b", 7): (t0 + 10_000_000, t0 + 10_000_000 + 7 * 200_000),
+        ("cam-b", 8): (t0 + 10_000_000, t0 + 10_000_000 + 7 * 200_000)}
+    store.close()
+
+
+def test_corrupt_messages_go_to_dlq_and_the_consumer_carries_on(kafka_bootstrap: str, topics: dict[str, str],
+                                                                market: Market, tmp_path: Path) -> None:
+    t0 = (time.time_ns() // 1000) - 60_000_000
+    good = edge_frame("dev-1", "cam-a", 0, t0, [Box(1, (10, 10, 74, 138), crop_jpeg=market.crops("0003", 0, 1)[0])])
+    nan_box = edge_frame("dev-1", "cam-a", 1, t0 + 1, [Box(1, (math.nan, 10, 74, 138))])
+    outside = edge_frame("dev-1", "cam-a", 2, t0 + 2, [Box(1, (10, 10, 5000, 138))])
+    bad_jpeg = edge_frame("dev-1", "cam-a", 3, t0 + 3, [Box(2, (10, 10, 74, 138), crop_jpeg=b"\xff\xd8not a jpeg")])
+    future = edge_frame("dev-1", "cam-a", 4, t0 + 10**15, [])
+    good2 = edge_frame("dev-1", "cam-a", 5, t0 + 400_000, [Box(1, (12, 10, 76, 138))])
+    encoded = [EDGE.encode(good), b"garbage that is not avro", EDGE.encode(nan_box), EDGE.encode(outside),
+               EDGE.encode(bad_jpeg), EDGE.encode(good)[:-7], EDGE.encode(future), EDGE.encode(good2)]
+    produce(kafka_bootstrap, topics["reid_input"], [(b"dev-1", v) for v in encoded])
+
+    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path, gender={"mode": "off"}))
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get()
+              + consumer.metrics.messages.labels("dlq")._value.get() >= len(encoded))
+    dead = [DLQ.decode(v) for v in read_all(kafka_bootstrap, topics["reid_dlq"], 6)]
+    assert [d["error_type"] for d in sorted(dead, key=lambda d: d["source_offset"])] == [
+        "not_avro", "invalid_box", "invalid_box", "bad_jpeg", "corrupt_payload", "invalid_timestamp"]
+    for d in dead:
+        assert d["value"] == encoded[d["source_offset"]], "the dead letter keeps the message byte for byte"
+        assert d["reason"] and d["source_topic"] == topics["reid_input"]
+    outs = [OUT.decode(v) for v in read_all(kafka_bootstrap, topics["reid_output"], 2)]
+    assert [o["frame_index"] for o in outs] == [0, 5]
+    assert outs[0]["people"][0]["global_id"] == outs[1]["people"][0]["global_id"] is not None
