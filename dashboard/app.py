@@ -26,6 +26,7 @@ PAGES = {
 
 st.set_page_config(page_title="reidfleet", page_icon=":material/groups:", layout="wide")
 cfg = ui.config()
+ui.retention_worker(cfg, cfg.model_dump_json())  # enforced from the first page load on, hourly
 
 
 def login_page() -> None:

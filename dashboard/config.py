@@ -107,7 +107,8 @@ class DashboardConfig(StrictModel):
     store_url: str = Field("sqlite:///./var/server/analytics.db",
                            description="The server's analytics store, as a SQLAlchemy URL: sqlite:///path or "
                            "postgresql+psycopg://user@host/db (password via PGPASSWORD).")
-    fleet_inventory: str = Field("./var/fleet/inventory.db", description="Fleet manager's SQLite inventory.")
+    fleet_inventory: str = Field("./var/fleet/fleet.db", description="The fleet manager's SQLite database "
+                                 "(inventory and rollout campaigns).")
     settings_path: str = Field("./var/dashboard/settings.json", description="Admin-changed privacy settings.")
     server_health_url: str | None = Field(None, description="The server consumer's /healthz (adds its lag "
                                           "and state to the Overview alerts).")

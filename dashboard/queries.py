@@ -13,7 +13,9 @@ whose first crop is still pending still counts as present.
 
 from __future__ import annotations
 
+import json
 import logging
+import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
@@ -430,10 +432,97 @@ class FleetUnavailable(RuntimeError):
     """The fleet manager's inventory cannot be read; the message says what to check."""
 
 
-def fleet_devices(path: str | Path, now_us: int, offline_after_s: float) -> pd.DataFrame:
-    """Devices from the fleet manager's SQLite inventory (see docs/fleet.md), with state and age."""
+def _fleet_conn(path: str | Path) -> sqlite3.Connection:
+    """Read-only connection to the fleet manager's SQLite file (never created or written here)."""
     p = Path(path)
     if not p.exists():
-        raise FleetUnavailable(f"no fleet inventory at {p.resolve()} (start the fleet manager, or set "
-                               f"fleet_inventory in the dashboard config)")
-    raise FleetUnavailable("fleet inventory schema not wired yet")
+        raise FleetUnavailable(f"no fleet database at {p.resolve()} (start the fleet manager with `python -m fleet "
+                               f"serve`, or set fleet_inventory in the dashboard config to its fleet.db)")
+    try:
+        conn = sqlite3.connect(f"file:{p.resolve()}?mode=ro", uri=True, timeout=10)
+        conn.execute("PRAGMA busy_timeout=10000")
+    except sqlite3.Error as exc:
+        raise FleetUnavailable(f"cannot open the fleet database {p}: {exc}") from exc
+    return conn
+
+
+def _fleet_read(path: str | Path, sql: str, args: tuple[Any, ...] = ()) -> pd.DataFrame:
+    conn = _fleet_conn(path)
+    try:
+        cur = conn.execute(sql, args)
+        return pd.DataFrame(cur.fetchall(), columns=[c[0] for c in cur.description])
+    except sqlite3.Error as exc:
+        raise FleetUnavailable(f"the fleet database {path} cannot be read ({exc}): is it a fleet.db?") from exc
+    finally:
+        conn.close()
+
+
+def fleet_devices(path: str | Path, now_us: int, offline_after_s: float) -> pd.DataFrame:
+    """Devices from the fleet manager's inventory (table ``devices``), with the state the dashboard shows.
+
+    ``state`` is the inventory's own (online/offline/never), except that an 'online' device not heard
+    from for ``offline_after_s`` shows as 'offline' too: a device that lost power cannot say so, and
+    its last will may not have fired yet. Revoked devices are left out.
+    """
+    df = _fleet_read(path, """
+        SELECT device_id, grp AS device_group, state AS reported_state, state_reason, last_seen, agent_version,
+               model_id, model_version, model_slot, config_version, health, health_detail, telemetry
+        FROM devices WHERE revoked = 0 ORDER BY device_id""")
+    now_s = now_us / US
+    df["last_seen_age_s"] = [None if pd.isna(v) else now_s - float(v) for v in df["last_seen"]]
+    stale = (df["reported_state"] == "online") & df["last_seen_age_s"].astype(float).gt(offline_after_s)
+    df["state"] = df["reported_state"].where(~stale, "offline")
+    df["telemetry"] = [_json_or_empty(t) for t in df["telemetry"]]
+    return df
+
+
+def _json_or_empty(text: str | None) -> dict[str, Any]:
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+CAMPAIGN_DONE_STATES = ("succeeded", "failed", "rolled_back", "timed_out", "skipped", "reverted", "revert_failed")
+
+
+def fleet_campaigns(path: str | Path, limit: int = 10) -> pd.DataFrame:
+    """Newest rollout campaigns (tables ``campaigns`` and ``campaign_devices`` of the fleet manager) with progress.
+
+    Columns: campaign_id, state, model (id@version), target, waves (planned sizes), current_wave, devices,
+    one column per device state, done (devices in a final state), progress (0–1), created_at, reason.
+    An inventory without campaign tables (no rollout ever started) gives an empty frame.
+    """
+    tables = set(_fleet_read(path, "SELECT name FROM sqlite_master WHERE type='table'")["name"])
+    if not {"campaigns", "campaign_devices"} <= tables:
+        return pd.DataFrame(columns=["campaign_id", "state", "model", "progress"])
+    camps = _fleet_read(path, """
+        SELECT campaign_id, state, target, artifact, waves, current_wave, created_at, updated_at, finished_at, reason
+        FROM campaigns ORDER BY created_at DESC LIMIT ?""", (limit,))
+    if camps.empty:
+        return pd.DataFrame(columns=["campaign_id", "state", "model", "progress"])
+    ids = camps["campaign_id"].tolist()
+    counts = _fleet_read(path, f"""
+        SELECT campaign_id, state, COUNT(*) AS n FROM campaign_devices
+        WHERE campaign_id IN ({",".join("?" * len(ids))}) GROUP BY campaign_id, state""", tuple(ids))
+    wide = counts.pivot_table(index="campaign_id", columns="state", values="n", fill_value=0, aggfunc="sum")
+    camps = camps.merge(wide, left_on="campaign_id", right_index=True, how="left")
+    states = [c for c in wide.columns]
+    camps[states] = camps[states].fillna(0).astype(int)
+    camps["devices"] = camps[states].sum(axis=1) if states else 0
+    done_cols = [c for c in states if c in CAMPAIGN_DONE_STATES]
+    camps["done"] = camps[done_cols].sum(axis=1) if done_cols else 0
+    camps["progress"] = [d / n if n else 0.0 for d, n in zip(camps["done"], camps["devices"], strict=True)]
+    arts = [_json_or_empty(a) for a in camps["artifact"]]
+    camps["model"] = [f"{a.get('model_id', '?')}@{a.get('version', '?')}" for a in arts]
+    camps["waves"] = [_json_list(w) for w in camps["waves"]]
+    return camps.drop(columns=["artifact"])
+
+
+def _json_list(text: str | None) -> list[Any]:
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return value if isinstance(value, list) else []

@@ -144,3 +144,36 @@ def empty_state(what: str, todo: str) -> None:
 
 def csv_button(label: str, df: Any, file_name: str, key: str) -> None:
     st.download_button(label, df.to_csv(index=False).encode(), file_name=file_name, mime="text/csv", key=key)
+
+
+@st.cache_resource(show_spinner=False)
+def live_feed(bootstrap: str, input_topic: str, output_topic: str, lookback_s: float) -> Any:
+    """One Kafka reader per dashboard process, shared by every browser session."""
+    from dashboard.live_feed import LiveFeed
+
+    return LiveFeed(bootstrap, input_topic=input_topic, output_topic=output_topic, lookback_s=lookback_s).start()
+
+
+@st.cache_resource(show_spinner="Loading the Re-ID model …")
+def embedder(spec_json: str) -> Any:
+    """The server's embedder (``server.embed.build_embedder``): the same model that filled Qdrant."""
+    import json
+
+    from server.embed import build_embedder
+
+    return build_embedder(json.loads(spec_json))
+
+
+@st.cache_resource(show_spinner=False)
+def vector_reader(_cfg: DashboardConfig, key: str, model_id: str) -> Any:
+    from dashboard.vectors import open_reader
+
+    return open_reader(_cfg.qdrant, model_id)
+
+
+@st.cache_resource(show_spinner=False)
+def retention_worker(_cfg: DashboardConfig, key: str) -> Any:
+    """Started once per dashboard process: enforces the retention setting at start and hourly."""
+    from dashboard.retention import RetentionWorker
+
+    return RetentionWorker(_cfg).start()

@@ -41,23 +41,23 @@ c2.metric("Visits", len(visits))
 c3.metric("Median visit", f"{visits['dwell_s'].median() / 60:.1f} min")
 c4.metric("Camera-to-camera moves", int(moves["moves"].sum()) if not moves.empty else 0)
 
-st.altair_chart(charts.footfall_heatmap(hourly), use_container_width=True)
+st.altair_chart(charts.footfall_heatmap(hourly), width="stretch")
 left, right = st.columns(2)
 with left:
-    st.altair_chart(charts.dwell_histogram(visits), use_container_width=True)
+    st.altair_chart(charts.dwell_histogram(visits), width="stretch")
 with right:
     if moves.empty:
         ui.empty_state("No moves between cameras in this period.",
                        "Paths appear when the same person is recognised on two cameras.")
     else:
-        st.plotly_chart(charts.transitions_sankey(moves), use_container_width=True)
+        st.plotly_chart(charts.transitions_sankey(moves), width="stretch")
 if settings.show_gender:
     gender = queries.gender_split(tracks)
     if gender["people"].sum() == 0:
         ui.empty_state("No gender estimates in this period.", "The server estimates gender once it has a crop "
                        "of a person; turn it on in the server config (gender.mode).")
     else:
-        st.altair_chart(charts.gender_bars(gender), use_container_width=True)
+        st.altair_chart(charts.gender_bars(gender), width="stretch")
         st.caption("Estimates from person crops (about 90 % right per person in our measurement); people the model "
                    "is unsure about are counted as unknown.")
 
@@ -75,4 +75,4 @@ with e3:
     ui.csv_button("Camera-to-camera moves (CSV)", moves, f"moves_{first}_{last}.csv", "csv_moves")
 with st.expander("Table: visitors per hour"):
     st.dataframe(hourly.pivot_table(index="day", columns="hour", values="visitors", fill_value=0),
-                 use_container_width=True)
+                 width="stretch")

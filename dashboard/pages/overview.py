@@ -65,12 +65,12 @@ else:
 
 left, right = st.columns([2, 3])
 with left:
-    st.altair_chart(charts.presence_bars(presence), use_container_width=True)
+    st.altair_chart(charts.presence_bars(presence), width="stretch")
     st.dataframe(presence.rename(columns={"camera_id": "camera", "people": "people now"}), hide_index=True,
-                 use_container_width=True)
+                 width="stretch")
 with right:
     by_hour = queries.today_and_yesterday_by_hour(engine, now, cfg.timezone)
     if by_hour.empty:
         ui.empty_state("No visitors today or yesterday yet.", "Footfall per hour appears once people are seen.")
     else:
-        st.altair_chart(charts.today_vs_yesterday(by_hour), use_container_width=True)
+        st.altair_chart(charts.today_vs_yesterday(by_hour), width="stretch")
