@@ -53,3 +53,7 @@ eval-reid assets=assets:
 # embedding-stage throughput (crops/s) on this machine's CPU/GPU → results/bench-embed.{json,png}
 bench-embed assets=assets *ARGS:
     python -m server.bench_embed {{assets}} {{ARGS}}
+
+# the Streamlit dashboard on 127.0.0.1 (config: --config FILE or $REIDFLEET_DASHBOARD_CONFIG)
+dashboard *ARGS:
+    python -m dashboard {{ARGS}} run
