@@ -56,4 +56,4 @@ bench-embed assets=assets *ARGS:
 
 # the Streamlit dashboard on 127.0.0.1 (config: --config FILE or $REIDFLEET_DASHBOARD_CONFIG)
 dashboard *ARGS:
-    python -m dashboard {{ARGS}} run
+    python -m dashboard run {{ARGS}}
