@@ -165,7 +165,8 @@ def tracks_between(engine: Engine, start_us: int, end_us: int, cameras: Sequence
 
 
 def presence_now(engine: Engine, now_us: int, window_s: float = PRESENT_WINDOW_S) -> pd.DataFrame:
-    """People in view per camera: tracks seen within ``window_s`` of now that have not ended.
+    """People in view per camera at ``now_us``: tracks that span it, or are still open and were seen
+    within ``window_s`` before it (the server updates an open track only as frames arrive).
 
     Every known camera gets a row (0 when empty), so an idle camera is visible as idle.
     """
@@ -173,7 +174,7 @@ def presence_now(engine: Engine, now_us: int, window_s: float = PRESENT_WINDOW_S
     people = _read(engine, f"""
         SELECT t.camera_id, COUNT(DISTINCT {PERSON_SQL.format(t='t')}) AS people
         FROM tracks t LEFT JOIN identities i ON i.global_id = t.global_id
-        WHERE t.last_seen_us >= :since AND t.first_seen_us <= :now AND NOT t.ended
+        WHERE t.first_seen_us <= :now AND (t.last_seen_us >= :now OR (NOT t.ended AND t.last_seen_us >= :since))
         GROUP BY t.camera_id""", params)
     cams = cameras(engine)[["camera_id"]].drop_duplicates()
     out = cams.merge(people, on="camera_id", how="outer").fillna({"people": 0})

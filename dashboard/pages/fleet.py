@@ -45,7 +45,7 @@ table = pd.DataFrame({
     "ago": [ui.fmt_age(a) if a is not None and not pd.isna(a) else "never" for a in devices["last_seen_age_s"]],
     "health": [h or "unknown" for h in devices["health"]],
     "detail": [d or r for d, r in zip(devices["health_detail"], devices["state_reason"], strict=True)],
-    "fps": [t.get("fps") for t in devices["telemetry"]],
+    "fps": [(t.get("pipeline") or {}).get("fps") for t in devices["telemetry"]],
 })
 
 
