@@ -67,6 +67,13 @@ class HealthChecker(Protocol):
     def check(self, model_dir: Path, spec: HealthCheckSpec) -> str: ...
 
 
+def _brief(exc: BaseException, limit: int = 300) -> str:
+    """One line of an exception: OpenVINO puts the source location first and the reason after."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Exception from", "Check '"))] or lines
+    return " ".join(useful)[:limit]
+
+
 def _entrypoint(model_dir: Path) -> Path:
     if (model_dir / MANIFEST_NAME).is_file():
         return model_dir / load_manifest(model_dir).entrypoint
@@ -93,7 +100,7 @@ class IrParseCheck:
         try:
             model = ov.Core().read_model(str(xml))
         except Exception as exc:
-            raise HealthCheckFailed(f"OpenVINO cannot read {xml.name}: {str(exc).splitlines()[0][:300]}") from None
+            raise HealthCheckFailed(f"OpenVINO cannot read {xml.name}: {_brief(exc)}") from None
         if len(model.inputs) != 1 or len(model.inputs[0].get_partial_shape()) != 4:
             raise HealthCheckFailed(f"{xml.name}: expected one 4-D image input, got {len(model.inputs)} inputs")
         return f"IR parsed: {len(model.get_ops())} ops"
@@ -123,7 +130,7 @@ class DetectorHealthCheck:
         try:
             detector = build_detector(DetectorConfig(model_dir=model_dir, **self.detector_settings))
         except Exception as exc:
-            raise HealthCheckFailed(f"detector cannot load the model: {str(exc).splitlines()[0][:300]}") from None
+            raise HealthCheckFailed(f"detector cannot load the model: {_brief(exc)}") from None
         try:
             people = int((detector.detect(image).class_id == PERSON_CLASS_ID).sum())
             if people < spec.min_people:
@@ -359,14 +366,16 @@ class OtaInstaller:
         except OtaError as exc:
             log.warning("OTA job %s failed: %s", job.job_id, exc)
             return self._finish(progress("failed", error=str(exc)))
+        pipeline_switched = False
         try:
             detail = self.checker.check(self.root / target, job.health)
             if self.control is not None:
+                pipeline_switched = True
                 self.control.load_model(self.current_link)
         except Exception as exc:
             error = str(exc) if isinstance(exc, OtaError) else f"{type(exc).__name__}: {exc}"
             self._point_to(info.slot)
-            if self.control is not None:
+            if self.control is not None and pipeline_switched:
                 try:
                     self.control.load_model(self.current_link)
                 except Exception:
@@ -454,6 +463,16 @@ class OtaInstaller:
                 break
             try:
                 self._fetch(art, part, have, progress)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 416:  # we already hold everything the server has: it is short
+                    total = (exc.headers.get("Content-Range") or "").rpartition("/")[2]
+                    part.unlink(missing_ok=True)
+                    raise OtaError(f"truncated artifact: the server has {total or 'fewer'} bytes, the job names "
+                                   f"{art.size_bytes}") from None
+                last_error = str(exc)
+                log.warning("download attempt %d of %s failed: %s", attempt, art.url, exc)
+                time.sleep(min(0.2 * 2**attempt, 5))
+                continue
             except (OSError, urllib.error.URLError, OtaError) as exc:
                 last_error = str(exc)
                 log.warning("download attempt %d of %s failed: %s", attempt, art.url, exc)
@@ -474,6 +493,10 @@ class OtaInstaller:
         with urllib.request.urlopen(req, timeout=self.download_timeout_s) as resp:
             if have and resp.status != 206:  # server ignored the Range: start over
                 have = 0
+            length = resp.headers.get("Content-Length")
+            if length is not None and have + int(length) != art.size_bytes:
+                raise OtaError(f"truncated artifact: the server offers {have + int(length)} bytes, the job names "
+                               f"{art.size_bytes}")
             mode = "ab" if have else "wb"
             last_report = 0.0
             with open(part, mode) as f:
