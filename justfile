@@ -57,3 +57,11 @@ bench-embed assets=assets *ARGS:
 # the Streamlit dashboard on 127.0.0.1 (config: --config FILE or $REIDFLEET_DASHBOARD_CONFIG)
 dashboard *ARGS:
     python -m dashboard run {{ARGS}}
+
+# flashable x86-64 UEFI appliance disk image (needs root; ~10 min, .debs/wheels cached) → image-build/out/*.img.zst + .sha256
+image assets=assets:
+    REIDFLEET_ASSETS={{assets}} PYTHON="{{justfile_directory()}}/.venv/bin/python" bash image-build/build.sh
+
+# boot the built image under qemu (TCG) and check status page, health and Kafka delivery from the host → results/image.json
+image-test *ARGS:
+    python image-build/boot_test.py {{ARGS}}
