@@ -1,0 +1,55 @@
+"""Boot the built appliance disk image under qemu (TCG) and check it from the host (slow: minutes).
+
+Builds the image first when image-build/out has none (needs root, mmdebstrap and ~10 minutes).
+Run with `just test-slow` or `just image-test`; CI's `just test` leaves it out.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "image-build"))
+import boot_test  # noqa: E402
+
+IMAGE = ROOT / "image-build" / "out" / "reidfleet-appliance.img"
+
+pytestmark = [pytest.mark.slow, pytest.mark.integration, pytest.mark.timeout(2400)]
+
+
+@pytest.fixture(scope="module")
+def image() -> Path:
+    for tool in ("qemu-system-x86_64", "sfdisk", "mcopy"):
+        if shutil.which(tool) is None:
+            pytest.fail(f"{tool} missing: run ./just once (it installs apt-packages.txt)")
+    if not IMAGE.exists():
+        subprocess.run(["bash", str(ROOT / "image-build" / "build.sh")], check=True,
+                       env={**os.environ, "PYTHON": sys.executable})
+    return IMAGE.resolve()
+
+
+def test_boots_provisions_and_delivers_frames_to_host_kafka(image: Path, tmp_path: Path) -> None:
+    res = boot_test.run(image, workdir=tmp_path, boot_timeout_s=900, frames_timeout_s=300, want_frames=5)
+    from report import merge
+
+    merge(ROOT / "results" / "image.json", "boot", res)
+    assert res["frames_received"] >= 5, res
+    assert res["device_id"] == boot_test.DEVICE_ID
+    assert res["frame_wh"] == [640, 360]  # the generated test clip, decoded inside the VM
+    assert res["status"]["state"] == "provisioned"
+    assert res["status"]["data_partition"].startswith("mounted"), res["status"]
+    assert res["serial_has_status"], "no REIDFLEET-STATUS line on the serial console"
+    assert res["clean_poweroff"], "the VM did not power off on the ACPI button within 90 s"
+
+
+def test_without_bundle_it_says_so_on_the_status_page(image: Path, tmp_path: Path) -> None:
+    res = boot_test.run(image, workdir=tmp_path, boot_timeout_s=900, frames_timeout_s=0, want_frames=0,
+                        with_bundle=False)
+    assert res["state"] == "waiting_for_bundle"
+    assert "bundle" in res["message"]
