@@ -65,3 +65,9 @@ image assets=assets:
 # boot the built image under qemu (TCG) and check status page, health and Kafka delivery from the host → results/image.json
 image-test *ARGS:
     python image-build/boot_test.py {{ARGS}}
+
+# check the production deployment files offline (compose render, kustomize + Kubernetes schemas, linters, topic settings)
+deploy-check:
+    yamllint -c deploy/.yamllint.yaml deploy/
+    hadolint --config deploy/.hadolint.yaml deploy/docker/*.Dockerfile
+    python -m pytest -q tests/deploy
