@@ -71,3 +71,11 @@ deploy-check:
     yamllint -c deploy/.yamllint.yaml deploy/
     hadolint --config deploy/.hadolint.yaml deploy/docker/*.Dockerfile
     python -m pytest -q tests/deploy
+
+# fleet: N agents on a real broker; time to roll a model out to all and to roll a bad one back → results/bench-fleet.{json,png}
+bench-fleet assets=assets agents="20" runs="3":
+    python -m benchmarks.fleet_rollout --assets {{assets}} --agents {{agents}} --runs {{runs}}
+
+# fleet admin CLI (see `just fleet --help`, docs/fleet.md)
+fleet *ARGS:
+    python -m fleet {{ARGS}}
