@@ -56,8 +56,8 @@ def _table(title: str, columns: list[str]) -> Any:
     from rich.table import Table
 
     t = Table(title=title, title_justify="left")
-    for c in columns:
-        t.add_column(c)
+    for i, c in enumerate(columns):
+        t.add_column(c, no_wrap=i == 0)  # never cut a device or campaign id
     return t
 
 

@@ -145,25 +145,26 @@ class RolloutEngine:
                  len(pool), waves)
         return campaign_id
 
-    def _set_state(self, campaign_id: str, allowed: tuple[str, ...], new: str, reason: str = "") -> None:
+    def _set_state(self, campaign_id: str, allowed: tuple[str, ...], new: str, reason: str = "",
+                   verb: str = "") -> None:
         with self.db.tx() as c:
             row = c.execute("SELECT state FROM campaigns WHERE campaign_id=?", (campaign_id,)).fetchone()
             if row is None:
                 raise RolloutError(f"no campaign {campaign_id!r}")
             if row["state"] not in allowed:
-                raise RolloutError(f"campaign {campaign_id} is {row['state']}; can only {new} from "
-                                   f"{' or '.join(allowed)}")
+                raise RolloutError(f"cannot {verb or new} campaign {campaign_id}: it is {row['state']}, "
+                                   f"{verb or new} needs {' or '.join(allowed)}")
             c.execute("UPDATE campaigns SET state=?, reason=CASE WHEN ?='' THEN reason ELSE ? END, updated_at=? "
                       "WHERE campaign_id=?", (new, reason, reason, self.clock(), campaign_id))
 
     def pause(self, campaign_id: str) -> None:
-        self._set_state(campaign_id, ("running",), "paused")
+        self._set_state(campaign_id, ("running",), "paused", verb="pause")
 
     def resume(self, campaign_id: str) -> None:
-        self._set_state(campaign_id, ("paused",), "running")
+        self._set_state(campaign_id, ("paused",), "running", verb="resume")
 
     def abort(self, campaign_id: str, reason: str = "aborted by admin") -> None:
-        self._set_state(campaign_id, ("running", "paused"), "aborting", reason)
+        self._set_state(campaign_id, ("running", "paused"), "aborting", reason, verb="abort")
 
     # --- device reports --------------------------------------------------------------------------
     def on_progress(self, device_id: str, p: OtaProgress) -> None:
