@@ -37,7 +37,7 @@ def login_page() -> None:
         password = st.text_input("Password", type="password")
         submitted = st.form_submit_button("Sign in")
     if submitted:
-        result = ui.authenticator(id(cfg), cfg).login(name, password)
+        result = ui.authenticator(cfg.auth.model_dump_json(), cfg).login(name, password)
         if result.ok:
             st.session_state["user"] = name.strip()
             st.session_state["role"] = result.role

@@ -24,7 +24,7 @@ from dashboard.privacy import PrivacySettings, load_settings
 
 
 @st.cache_resource(show_spinner=False)
-def _config_cached(_key: str) -> DashboardConfig:
+def _config_cached(path: str) -> DashboardConfig:  # keyed by the path (leading-underscore args are not hashed)
     return load_dashboard_config()
 
 
@@ -42,7 +42,7 @@ def config() -> DashboardConfig:
 
 
 @st.cache_resource(show_spinner=False)
-def authenticator(_cfg_id: int, _cfg: DashboardConfig) -> Authenticator:
+def authenticator(key: str, _cfg: DashboardConfig) -> Authenticator:
     return Authenticator(_cfg.auth)
 
 

@@ -99,7 +99,7 @@ def test_people_table_and_sightings(tiny) -> None:
 
 
 def test_open_store_errors_say_what_is_wrong(tmp_path: Path) -> None:
-    with pytest.raises(queries.StoreUnavailable, match="No analytics store at .*Start the server"):
+    with pytest.raises(queries.StoreUnavailable, match=r"No analytics store at .*Start the server"):
         queries.open_store(f"sqlite:///{tmp_path / 'missing.db'}")
     other = tmp_path / "other.db"
     sqlite3.connect(other).execute("CREATE TABLE x (a INT)").connection.commit()
