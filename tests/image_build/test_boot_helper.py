@@ -241,3 +241,72 @@ def test_forward_spec_parsing():
     assert rb.parse_forwards("a=1 b") == []
     with pytest.raises(ValueError, match="LPORT:HOST:RPORT"):
         rb.parse_forwards("reidfleet.tcp_forward=9092:x")
+
+
+# --- A/B OS update ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def signed_update(tmp_path: Path):
+    from common.signing import load_private_key, sign
+
+    upd = tmp_path / "update"
+    upd.mkdir()
+    (upd / "root.img").write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    (upd / "vmlinuz").write_bytes(b"kernel-" + os.urandom(1000))
+    (upd / "initrd.img").write_bytes(b"initrd-" + os.urandom(1000))
+    rb.write_os_manifest(upd, "v2", "20990101000000")
+    pub = generate_keypair(tmp_path / "fleet.key", tmp_path / "fleet.pub")
+    statement = rb.os_update_statement((upd / "manifest.json").read_bytes(), "20990101000000")
+    (upd / "manifest.json.sig").write_text(sign(load_private_key(tmp_path / "fleet.key"), statement))
+    return upd, public_pem(pub)
+
+
+def _esp(tmp_path: Path) -> Path:
+    esp = tmp_path / "esp"
+    entries = esp / "loader" / "entries"
+    entries.mkdir(parents=True)
+    for slot, build in (("a", "20260101000000"), ("b", "20250101000000")):
+        name, text = rb.render_loader_entry(slot, "v1", build)
+        (entries / name).write_text(text)
+    return esp
+
+
+def test_os_update_writes_the_inactive_slot_and_boots_it_next_with_a_counter(tmp_path, signed_update):
+    upd, pub = signed_update
+    esp = _esp(tmp_path)
+    dev = tmp_path / "root-b.part"
+    dev.write_bytes(b"\0" * (8 * 1024 * 1024))
+    slot = rb.install_os_update(upd, esp=esp, current_slot="a", public_key_pem=pub, slot_device=dev)
+    assert slot == "b"
+    data = dev.read_bytes()
+    assert data.startswith((upd / "root.img").read_bytes()) and len(data) == 8 * 1024 * 1024
+    assert (esp / "reidfleet" / "b" / "vmlinuz").read_bytes() == (upd / "vmlinuz").read_bytes()
+    names = sorted(p.name for p in (esp / "loader" / "entries").iterdir())
+    assert names == ["reidfleet-20260101000000-a.conf", "reidfleet-20990101000000-b+3.conf"]
+    text = (esp / "loader" / "entries" / names[1]).read_text()
+    assert "root=PARTLABEL=reidfleet-root-b" in text and "version    20990101000000" in text
+
+
+@pytest.mark.parametrize("damage", ["signature", "file", "size", "slot"])
+def test_os_update_refuses_bad_input_and_leaves_everything(tmp_path, signed_update, damage):
+    upd, pub = signed_update
+    esp = _esp(tmp_path)
+    before = sorted(p.name for p in (esp / "loader" / "entries").iterdir())
+    dev = tmp_path / "root-b.part"
+    dev.write_bytes(b"\0" * (8 * 1024 * 1024))
+    slot = "a"
+    if damage == "signature":
+        other = generate_keypair(tmp_path / "o.key", tmp_path / "o.pub")
+        pub = public_pem(other)
+    elif damage == "file":
+        with open(upd / "vmlinuz", "ab") as f:
+            f.write(b"x")
+    elif damage == "size":
+        dev.write_bytes(b"\0" * (1024 * 1024))
+    else:
+        slot = "c"
+    with pytest.raises(ValueError, match=r"signature|sha256|does not fit|slot"):
+        rb.install_os_update(upd, esp=esp, current_slot=slot, public_key_pem=pub, slot_device=dev)
+    assert sorted(p.name for p in (esp / "loader" / "entries").iterdir()) == before
+    assert dev.read_bytes().count(0) == dev.stat().st_size  # nothing written

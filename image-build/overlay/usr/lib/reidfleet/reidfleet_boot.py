@@ -640,6 +640,146 @@ def cmd_run_appliance(args: argparse.Namespace) -> int:
     return child.returncode if child.returncode >= 0 else 128 - child.returncode
 
 
+# --- whole-image A/B update --------------------------------------------------------------------------------
+
+OS_ARTIFACT = "reidfleet-os-image"
+OS_FILES = ("root.img", "vmlinuz", "initrd.img")
+BOOT_TRIES = 3
+
+
+def render_loader_entry(slot: str, version: str, build_id: str, tries: int | None = None) -> tuple[str, str]:
+    """(file name, text) of the systemd-boot entry for one root slot.
+
+    Entries sort by ``version`` (the build id) newest first, so the slot written last boots next. A
+    ``+N`` in the file name is systemd-boot's boot counter: it drops by one per start, reidfleet-boot-check
+    + systemd-bless-boot remove it once the system is up, and at ``+0`` the entry sorts last so the other
+    slot boots again. ``panic=10`` makes a failing initrd reboot (and so count) instead of opening a shell.
+    """
+    if slot not in ("a", "b") or not re.fullmatch(r"[0-9A-Za-z._-]+", build_id):
+        raise ValueError(f"bad slot {slot!r} or build id {build_id!r}")
+    name = f"reidfleet-{build_id}-{slot}" + (f"+{tries}" if tries is not None else "") + ".conf"
+    text = (f"title      reidfleet appliance {version} (slot {slot})\n"
+            f"sort-key   reidfleet\n"
+            f"version    {build_id}\n"
+            f"linux      /reidfleet/{slot}/vmlinuz\n"
+            f"initrd     /reidfleet/{slot}/initrd.img\n"
+            f"options    root=PARTLABEL=reidfleet-root-{slot} ro rootfstype=erofs reidfleet.slot={slot} panic=10 "
+            f"console=tty0 console=ttyS0,115200n8 quiet loglevel=3 systemd.show_status=error rd.udev.log_level=3\n")
+    return name, text
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def os_update_statement(manifest_bytes: bytes, build_id: str) -> bytes:
+    """What the fleet key signs: the manifest's hash bound to the image name and build id."""
+    import hashlib
+
+    from common.signing import artifact_statement
+
+    return artifact_statement(OS_ARTIFACT, build_id, hashlib.sha256(manifest_bytes).hexdigest(), len(manifest_bytes))
+
+
+def write_os_manifest(update_dir: Path, version: str, build_id: str) -> dict[str, Any]:
+    manifest = {"artifact": OS_ARTIFACT, "version": version, "build_id": build_id,
+                "files": {name: {"sha256": _sha256(update_dir / name), "size_bytes": (update_dir / name).stat().st_size}
+                          for name in OS_FILES}}
+    (update_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def install_os_update(update_dir: Path, *, esp: Path, current_slot: str, public_key_pem: str,
+                      slot_device: Path | None = None, tries: int = BOOT_TRIES) -> str:
+    """Write a signed OS update into the inactive slot and make it the next boot (with boot counting).
+
+    Nothing that the running slot needs is touched: its root partition, kernel, initrd and entry stay, so a
+    power cut at any step leaves a bootable box. Returns the slot written. Raises ValueError (with the
+    reason) on a bad signature, hash, size or slot.
+    """
+    from common.signing import load_public_key, verify
+
+    manifest_bytes = (update_dir / "manifest.json").read_bytes()
+    manifest = json.loads(manifest_bytes)
+    build_id, version = str(manifest["build_id"]), str(manifest["version"])
+    signature = (update_dir / "manifest.json.sig").read_text().strip()
+    verify(load_public_key(public_key_pem), os_update_statement(manifest_bytes, build_id), signature)
+    for name in OS_FILES:
+        want = manifest["files"][name]["sha256"]
+        if _sha256(update_dir / name) != want:
+            raise ValueError(f"{name}: sha256 does not match the signed manifest")
+    if current_slot not in ("a", "b"):
+        raise ValueError(f"unknown running slot {current_slot!r}")
+    target = "b" if current_slot == "a" else "a"
+    device = slot_device or Path(f"/dev/disk/by-partlabel/reidfleet-root-{target}")
+    root = update_dir / "root.img"
+    with open(device, "r+b") as dev:
+        capacity = dev.seek(0, os.SEEK_END)
+        if root.stat().st_size > capacity:
+            raise ValueError(f"root.img ({root.stat().st_size} B) does not fit slot {target} ({capacity} B)")
+        dev.seek(0)
+        with open(root, "rb") as src:
+            while chunk := src.read(4 << 20):
+                dev.write(chunk)
+        dev.flush()
+        os.fsync(dev.fileno())
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(device, "rb") as dev:  # read back: a flash that lies about writes is caught before the switch
+        left = root.stat().st_size
+        while left > 0 and (chunk := dev.read(min(4 << 20, left))):
+            h.update(chunk)
+            left -= len(chunk)
+    if h.hexdigest() != manifest["files"]["root.img"]["sha256"]:
+        raise ValueError(f"slot {target} read back differs from root.img: the disk may be failing")
+    slot_dir = esp / "reidfleet" / target
+    slot_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("vmlinuz", "initrd.img"):
+        tmp = slot_dir / f"{name}.new"
+        tmp.write_bytes((update_dir / name).read_bytes())
+        os.replace(tmp, slot_dir / name)
+    (slot_dir / "VERSION").write_text(f"{version} {build_id}\n")
+    entries = esp / "loader" / "entries"
+    entries.mkdir(parents=True, exist_ok=True)
+    for old in entries.glob(f"reidfleet-*-{target}*.conf"):
+        old.unlink()
+    name, text = render_loader_entry(target, version, build_id, tries)
+    (entries / f".{name}.tmp").write_text(text)
+    os.replace(entries / f".{name}.tmp", entries / name)
+    os.sync()
+    return target
+
+
+def cmd_loader_entry(args: argparse.Namespace) -> int:
+    name, text = render_loader_entry(args.slot, args.version, args.build_id, args.tries)
+    print(name if args.name_only else text, end="\n" if args.name_only else "")
+    return 0
+
+
+def cmd_os_update(args: argparse.Namespace) -> int:
+    bundle = installed_bundle(Paths())
+    if bundle is None:
+        print("error: no installed device bundle, so no fleet key to check the update with", file=sys.stderr)
+        return 2
+    try:
+        slot = install_os_update(args.update_dir, esp=args.esp, current_slot=boot_slot(),
+                                 public_key_pem=bundle.fleet_public_key_pem)
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"error: update not installed: {exc}", file=sys.stderr)
+        return 1
+    print(f"slot {slot} written; it boots next ({BOOT_TRIES} tries, then back to the running slot)")
+    if args.reboot:
+        subprocess.run(["systemctl", "reboot"], check=False)
+    return 0
+
+
 # --- loopback forwarder (boot test) ------------------------------------------------------------------------
 
 
@@ -716,6 +856,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--health-port", type=int, default=APPLIANCE_HTTP_PORT)
     p.add_argument("--interval-s", type=float, default=5.0)
     p.set_defaults(fn=cmd_run_appliance)
+    p = sub.add_parser("loader-entry", help="print a systemd-boot entry (used by the image build)")
+    p.add_argument("slot")
+    p.add_argument("version")
+    p.add_argument("build_id")
+    p.add_argument("--tries", type=int, default=None)
+    p.add_argument("--name-only", action="store_true")
+    p.set_defaults(fn=cmd_loader_entry)
+    p = sub.add_parser("os-update", help="write a signed OS update into the inactive root slot (A/B)")
+    p.add_argument("update_dir", type=Path)
+    p.add_argument("--esp", type=Path, default=Path("/efi"))
+    p.add_argument("--reboot", action="store_true")
+    p.set_defaults(fn=cmd_os_update)
     p = sub.add_parser("forward", help="loopback TCP forwards from reidfleet.tcp_forward= (boot test only)")
     p.set_defaults(fn=cmd_forward)
     args = ap.parse_args(argv)
