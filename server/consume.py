@@ -12,6 +12,7 @@ batches under load while a single quiet camera still gets its ids within the dea
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import socket
@@ -107,6 +108,7 @@ class ReidConsumer:
         threads = cfg.batch.decode_threads or allowed_cpus()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jpeg")
         self._delivery_errors: list[str] = []
+        self._pending: collections.deque[Item] = collections.deque()
         self._assigned: list[TopicPartition] = []
         self.last_loop_at = time.monotonic()
         self.last_batch_at: float | None = None
@@ -128,6 +130,10 @@ class ReidConsumer:
 
     def _on_revoke(self, _c: Consumer, parts: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in parts]})
+        # Messages of revoked partitions not yet processed belong to their next owner now.
+        revoked = {(p.topic, p.partition) for p in parts}
+        self._pending = collections.deque(it for it in self._pending
+                                          if (it.msg.topic(), it.msg.partition()) not in revoked)
         self._assigned = []
 
     def run(self) -> None:
@@ -160,18 +166,18 @@ class ReidConsumer:
         deadline: float | None = None
         while not self.stop.is_set():
             self.last_loop_at = time.monotonic()
-            timeout = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-            msgs = self.consumer.consume(num_messages=min(500, b.max_messages - len(items)), timeout=timeout)
-            for m in msgs:
-                err = m.error()
-                if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
-                        continue
-                    if err.fatal():
-                        raise KafkaException(err)
-                    log.warning("consumer error: %s", err)
-                    continue
-                item = self._parse(m)
+            if self._pending:
+                parsed, msgs = list(self._pending), []
+                self._pending.clear()
+            else:
+                timeout = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
+                msgs = self.consumer.consume(num_messages=min(500, b.max_messages - len(items)), timeout=timeout)
+                parsed = [self._parse(m) for m in msgs if self._usable(m)]
+            for i, item in enumerate(parsed):
+                if items and (n_crops >= b.max_crops or len(items) >= b.max_messages):
+                    # Batch full: keep the rest, in order, for the next batch (its offsets are not stored yet).
+                    self._pending.extend(parsed[i:])
+                    return items
                 items.append(item)
                 if item.record is not None:
                     n_crops += len(item.record["crops"])
@@ -180,9 +186,19 @@ class ReidConsumer:
             if items and (n_crops >= b.max_crops or len(items) >= b.max_messages
                           or (deadline is not None and time.monotonic() >= deadline)):
                 break
-            if not items and not msgs:
+            if not items and not parsed:
                 break  # idle: let the caller refresh lag and check the stop event
         return items
+
+    def _usable(self, m: Message) -> bool:
+        err = m.error()
+        if err is None:
+            return True
+        if err.fatal():
+            raise KafkaException(err)
+        if err.code() != KafkaError._PARTITION_EOF:
+            log.warning("consumer error: %s", err)
+        return False
 
     def _parse(self, m: Message) -> Item:
         item = Item(m)

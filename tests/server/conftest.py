@@ -71,7 +71,8 @@ def produce(bootstrap: str, topic: str, items: list[tuple[bytes | None, bytes]])
 
 def read_all(bootstrap: str, topic: str, expect: int, timeout_s: float = 60.0) -> list[bytes]:
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": f"reader-{topic}-{time.time_ns()}",
-                  "auto.offset.reset": "earliest", "enable.auto.commit": False})
+                  "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                  "session.timeout.ms": 6000})
     c.subscribe([topic])
     out: list[bytes] = []
     deadline = time.monotonic() + timeout_s
