@@ -57,6 +57,8 @@ class OsnetOpenVinoConfig(StrictModel):
     weights_path: str | None = None
     sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     device: str = Field("CPU", description="OpenVINO device name.")
+    cache_dir: str | None = Field(None, description="Where the converted IR is kept, keyed by weights sha256 and "
+                                  "OpenVINO version (default $REIDFLEET_CACHE or ~/.cache/reidfleet).")
     batch_size: int = Field(64, ge=1, le=4096)
     threads: int = Field(0, ge=0, le=256, description="OpenVINO inference threads (0 = runtime default).")
 

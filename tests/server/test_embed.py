@@ -1,0 +1,159 @@
+"""Embedders on the real shared weights and real Market crops (no mocks)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from common.assets import data_path
+from common.configfile import ConfigError
+from server.embed.base import build_embedder
+from server.embed.osnet_model import OSNet, StateDictMismatch, fold_batchnorm, load_torchreid_state_dict
+from server.embed.osnet_torch import load_osnet
+from server.embed.preprocess import CropError
+from server.embed.weights import WeightsError, shared_model_file
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _market(n_ids: int = 6) -> tuple[list[np.ndarray], np.ndarray]:
+    files = sorted(data_path("market1501_subset", "bounding_box_test").glob("*.jpg"))
+    ids = sorted({f.name[:4] for f in files})[:n_ids]
+    files = [f for f in files if f.name[:4] in ids]
+    return [cv2.imread(str(f)) for f in files], np.array([int(f.name[:4]) for f in files])
+
+
+@pytest.fixture(scope="module")
+def market() -> tuple[list[np.ndarray], np.ndarray]:
+    return _market()
+
+
+@pytest.mark.parametrize("weights", ["msmt17", "market1501"])
+def test_real_weights_load_strictly(weights: str) -> None:
+    path = shared_model_file(f"osnet_x0_25_{weights}.pth")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    model = OSNet("osnet_x0_25")
+    assert load_torchreid_state_dict(model, dict(state)) == 565  # every backbone tensor, classifier dropped
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_missing_tensor_is_an_error_not_a_skip() -> None:
+    state = dict(torch.load(shared_model_file("osnet_x0_25_msmt17.pth"), map_location="cpu", weights_only=True))
+    del state["conv3.1.conv2a.conv2.weight"]
+    with pytest.raises(StateDictMismatch, match=r"1 missing.*conv3\.1\.conv2a\.conv2\.weight"):
+        load_torchreid_state_dict(OSNet("osnet_x0_25"), state)
+
+
+def test_corrupt_weight_file_gives_clear_error(tmp_path: Path) -> None:
+    good = shared_model_file("osnet_x0_25_msmt17.pth")
+    bad = tmp_path / "osnet.pth"
+    bad.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated copy
+    with pytest.raises(WeightsError, match="cannot read as a PyTorch state dict"):
+        load_osnet(bad)
+    with pytest.raises(WeightsError, match="does not match the manifest"):
+        build_embedder({"type": "osnet_torch", "device": "cpu", "weights_path": str(bad),
+                        "sha256": "6f57607fed9f502b9efed546108132ee715df5a5b6e6932c6269bacb47f59f99"})
+
+
+def test_altered_shared_file_fails_sha256(tmp_path: Path) -> None:
+    models = tmp_path / "models"
+    models.mkdir()
+    data = bytearray(shared_model_file("osnet_x0_25_msmt17.pth").read_bytes())
+    data[-100] ^= 0xFF
+    (models / "osnet_x0_25_msmt17.pth").write_bytes(bytes(data))
+    with pytest.raises(WeightsError, match="sha256"):
+        build_embedder({"type": "osnet_torch", "device": "cpu"}, assets=str(tmp_path))
+
+
+def test_unknown_embedder_lists_known_names() -> None:
+    with pytest.raises(ConfigError, match="known: intel_reid, osnet_openvino, osnet_torch"):
+        build_embedder({"type": "resnet9000"})
+    with pytest.raises(ConfigError, match="batch_size"):
+        build_embedder({"type": "osnet_torch", "batch_size": 0})
+
+
+def test_folded_batchnorm_is_the_same_function() -> None:
+    model = load_osnet(shared_model_file("osnet_x0_25_msmt17.pth"))
+    x = torch.randn(4, 3, 256, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(model(x), fold_batchnorm(model)(x), atol=1e-3, rtol=1e-4)
+
+
+def test_matches_torchreid_module_bit_for_bit() -> None:
+    """Against torchreid 0.2.5's own osnet.py (pip package, or the sdist unpacked in .cache/torchreid)."""
+    src = REPO / ".cache/torchreid/torchreid-0.2.5/torchreid/reid/models/osnet.py"
+    if importlib.util.find_spec("torchreid") is not None:
+        from torchreid.reid.models import osnet as tr  # type: ignore[import-not-found]
+    elif src.is_file():
+        spec = importlib.util.spec_from_file_location("torchreid_osnet", src)
+        assert spec and spec.loader
+        tr = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tr)
+    else:
+        pytest.skip("torchreid not installed; `pip download --no-deps torchreid==0.2.5 -d .cache/torchreid` + untar")
+    state = torch.load(shared_model_file("osnet_x0_25_msmt17.pth"), map_location="cpu", weights_only=True)
+    ref = tr.osnet_x0_25(num_classes=state["classifier.weight"].shape[0], pretrained=False)
+    ref.load_state_dict(state, strict=True)
+    mine = load_osnet(shared_model_file("osnet_x0_25_msmt17.pth"))
+    x = torch.randn(4, 3, 256, 128, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(ref.eval()(x), mine(x))
+
+
+@pytest.mark.parametrize("cfg", [
+    {"type": "osnet_torch", "device": "cpu"},
+    {"type": "osnet_torch", "device": "cpu", "weights": "market1501"},
+    {"type": "intel_reid", "model": "0288"},
+    {"type": "intel_reid", "model": "0277"},
+])
+def test_same_person_closer_than_different_people(cfg: dict, market: tuple[list[np.ndarray], np.ndarray]) -> None:
+    crops, pids = market
+    emb = build_embedder(cfg)
+    f = emb.embed(crops)
+    assert f.shape == (len(crops), emb.dim) and f.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-4)
+    sim = f @ f.T
+    same = pids[:, None] == pids[None, :]
+    off_diag = ~np.eye(len(pids), dtype=bool)
+    assert sim[same & off_diag].mean() > sim[~same].mean() + 0.1
+    # Nearest other image is the same person for most images.
+    np.fill_diagonal(sim, -np.inf)
+    assert (pids[sim.argmax(1)] == pids).mean() > 0.7
+
+
+def test_openvino_osnet_equals_torch(market: tuple[list[np.ndarray], np.ndarray]) -> None:
+    crops = market[0][:16]
+    a = build_embedder({"type": "osnet_torch", "device": "cpu"}).embed(crops)
+    ov = build_embedder({"type": "osnet_openvino"})
+    assert ov.model_id == "osnet_x0_25_msmt17_256x128"
+    assert float((a * ov.embed(crops)).sum(1).min()) > 0.999
+
+
+def test_jpeg_path_and_bad_inputs(market: tuple[list[np.ndarray], np.ndarray]) -> None:
+    emb = build_embedder({"type": "osnet_torch", "device": "cpu", "batch_size": 3})
+    crops = market[0][:5]
+    jpegs = [cv2.imencode(".png", c)[1].tobytes() for c in crops]  # lossless, so both paths see the same pixels
+    np.testing.assert_allclose(emb.embed_jpegs(jpegs), emb.embed(crops), atol=1e-5)
+    assert emb.embed([]).shape == (0, 512)
+    with pytest.raises(CropError, match="crop 1: expected HxWx3"):
+        emb.embed([crops[0], np.zeros((10, 10), np.uint8)])
+    with pytest.raises(CropError, match="crop 0: expected uint8"):
+        emb.embed([crops[0].astype(np.float32)])
+    with pytest.raises(CropError, match="crop 2: not a decodable image"):
+        emb.embed_jpegs([jpegs[0], jpegs[1], b"\xff\xd8garbage"])
+
+
+def test_gpu_path_equals_cpu_when_cuda_present(market: tuple[list[np.ndarray], np.ndarray]) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU here; bench-embed-gpu covers it on the GPU machine")
+    crops = market[0]
+    gpu = build_embedder({"type": "osnet_torch", "device": "cuda"}).embed(crops)
+    cpu = build_embedder({"type": "osnet_torch", "device": "cpu"}).embed(crops)
+    assert float((gpu * cpu).sum(1).min()) > 0.999
+
