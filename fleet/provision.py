@@ -98,7 +98,8 @@ def add_device(home: FleetHome, device_id: str, *, group: str = "default", camer
 
 
 def remove_device(home: FleetHome, device_id: str) -> bool:
-    """Revoke: the broker forgets the password (existing sessions end at the reload), inventory marks it."""
+    """Revoke: the broker forgets the password (new logins fail after the reload; restart the broker to
+    also drop a session that is already connected), and the inventory marks the device revoked."""
     removed = remove_user(home.broker, device_id)
     db = FleetDB(home.db_path)
     try:
