@@ -502,3 +502,22 @@ def test_init_topics_creates_and_checks_topics(kafka_bootstrap: str, unique_topi
     assert errors and "missing" in errors[0]
     # Waiting for more brokers than exist gives up with exit status 2.
     assert mod.main(["--bootstrap", kafka_bootstrap, "--min-brokers", "3", "--timeout-s", "0"]) == 2
+
+
+def test_appliance_examples_validate_and_match_what_devices_are_told(k8s_docs: list[dict[str, Any]]) -> None:
+    from appliance.config import ApplianceConfig
+    from fleet.home import FleetConfig
+
+    for target, config_dir in (("compose", COMPOSE_DIR / "config"), ("k8s", K8S / "config")):
+        app = load_config(ApplianceConfig, DEPLOY / "appliance" / f"appliance-{target}.yaml")
+        fleet = load_config(FleetConfig, config_dir / "fleet.yaml")
+        assert app.kafka.bootstrap == fleet.kafka_bootstrap, target
+        assert app.kafka.topic == REID_INPUT
+    (user,) = _k8s_by_kind(k8s_docs, "KafkaUser")
+    producer = load_config(ApplianceConfig, DEPLOY / "appliance" / "appliance-k8s.yaml").kafka.producer
+    (kafka,) = _k8s_by_kind(k8s_docs, "Kafka")
+    (external,) = [li for li in kafka["spec"]["kafka"]["listeners"] if li["name"] == "external"]
+    assert producer["sasl.username"] == user["metadata"]["name"]
+    assert producer["sasl.mechanisms"].lower() == external["authentication"]["type"] == user["spec"][
+        "authentication"]["type"]
+    assert producer["security.protocol"] == "SASL_SSL" and external["tls"] is True
