@@ -90,7 +90,8 @@ def compose() -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def k8s_docs() -> list[dict[str, Any]]:
-    kubectl = shutil.which("kubectl")
+    venv_kubectl = Path(sys.executable).with_name("kubectl")
+    kubectl = str(venv_kubectl) if venv_kubectl.exists() else shutil.which("kubectl")
     assert kubectl, "kubectl (client only) is needed to render deploy/k8s with kustomize"
     proc = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 0, proc.stderr
