@@ -430,7 +430,8 @@ class PublishMetrics:
         self.spool_msgs = Gauge(p + "spool_messages", "Messages waiting in the spool.", registry=registry)
         self.spool_bytes = Gauge(p + "spool_bytes", "Bytes of spool segment files.", registry=registry)
         self.dropped = Gauge(
-            p + "spool_dropped_messages", "Messages lost because the spool was full (dropping oldest).",
+            p + "spool_dropped_messages",
+            "Messages lost because the spool was full (dropping oldest).",
             registry=registry,
         )
         self.dropped_bytes = Gauge(p + "spool_dropped_bytes", "Bytes lost to a full spool.", registry=registry)
@@ -535,6 +536,7 @@ class Publisher:
                         self._inflight.pop(seq, None)
                         self._reject(seq, exc.args[0])
                     else:
+                        self._note_fatal(exc.args[0])
                         self._spill(f"produce failed: {exc}")
                 self._producer.poll(0)
             else:
@@ -587,6 +589,7 @@ class Publisher:
             self._inflight.pop(seq)
             self._reject(seq, err)
             return
+        self._note_fatal(err)
         self._spill(f"delivery failed: {err.str()}")
 
     def _on_replay(self, entry: _ReplayEntry, err: KafkaError | None, msg: Any) -> None:
@@ -604,6 +607,7 @@ class Publisher:
                 entry.acked = True
                 self._advance_replay()
                 return
+            self._note_fatal(err)
             self._abort_replay(f"replay delivery failed: {err.str()}")
             return
         entry.acked = True
@@ -637,6 +641,14 @@ class Publisher:
                 self._abort_replay("all brokers down")
         else:
             log.debug("kafka: %s", err.str())
+
+    def _note_fatal(self, err: KafkaError) -> None:
+        """An idempotent producer that hit a fatal error (e.g. the broker lost its producer state on
+        restart) refuses everything from then on: the pump replaces it with a fresh one."""
+        if err.fatal() or err.code() == KafkaError._FATAL:
+            if not self._recreate:
+                log.warning("kafka producer is in a fatal state (%s): recreating it", err.str())
+            self._recreate = True
 
     def _count_sent(self, size: int, replayed: bool = False) -> None:
         self.stats.sent_messages += 1
@@ -706,6 +718,7 @@ class Publisher:
                 break
             except KafkaException as exc:
                 if not _permanent(exc.args[0]):
+                    self._note_fatal(exc.args[0])
                     self.spool.seek((rec.segment, rec.offset))
                     self._abort_replay(f"produce failed: {exc}")
                     return
