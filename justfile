@@ -79,3 +79,11 @@ bench-fleet assets=assets agents="20" runs="3":
 # fleet admin CLI (see `just fleet --help`, docs/fleet.md)
 fleet *ARGS:
     python -m fleet {{ARGS}}
+
+# the Re-ID server: Kafka consumer → embed → match → analytics (see `python -m server --help`, docs/server.md)
+server *ARGS:
+    python -m server {{ARGS}}
+
+# server: embedding and whole-consumer crops/s, identity-match p50/p95 at 1k/20k/100k (Qdrant local vs ours) → results/bench-server.{json,png}
+bench-server assets=assets *ARGS:
+    python -m server.bench {{assets}} {{ARGS}}

@@ -1,0 +1,261 @@
+"""`just bench-server [assets]`: server throughput and identity-match latency on this machine.
+
+1. Embedding stage alone: crops/s of the configured embedder on real Market-1501 crops.
+2. Whole consumer: edge frames with real crops on an embedded tansu broker → ReidConsumer (decode, embed,
+   gender, match, Qdrant local + cache, SQLite, reid_output) → crops/s from first batch to last.
+3. Identity-match latency (p50/p95) at 1k, 20k and 100k gallery identities, measured interleaved
+   (A B A B ...) on the same queries: Qdrant local mode (the embedded default's own search) vs what we
+   ship (the exact numpy cache in front of it). One prototype per identity.
+   Qdrant local keeps every point in memory and searches in Python/numpy whether or not it persists, so
+   the gallery is built with ``QdrantClient(":memory:")``: building 100k persisted points takes ~5 min
+   here (measured 60 s per 20k), the search code is the same. The persisted write (one upsert per new
+   or improved track) is timed separately.
+Writes results/bench-server.json and .png; last line ``RESULT bench-server key=value ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.assets import data_path, require
+from common.service import allowed_cpus
+
+
+def market_jpegs(root: Path, n: int) -> list[tuple[str, bytes]]:
+    files = sorted(root.glob("bounding_box_test/*.jpg")) + sorted(root.glob("query/*.jpg"))
+    if not files:
+        raise FileNotFoundError(f"no Market-1501 JPEGs under {root}")
+    return [(files[i % len(files)].name[:4], files[i % len(files)].read_bytes()) for i in range(n)]
+
+
+def bench_embed(embedder: Any, images: list[np.ndarray], rounds: int) -> float:
+    embedder.embed(images[:16])  # warm-up
+    rates = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        embedder.embed(images)
+        rates.append(len(images) / (time.perf_counter() - t))
+    return statistics.median(rates)
+
+
+def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp: Path) -> dict[str, Any]:
+    from common.kafka import ensure_topics
+    from common.tansu import EmbeddedKafka
+    from confluent_kafka import Producer
+    from schemas.codec import AvroCodec
+    from schemas.topics import TopicSpec
+    from server.config import ServerConfig
+    from server.consume import ReidConsumer
+    from server.edge_records import Box, edge_frame
+
+    codec = AvroCodec("edge_frame")
+    t0 = time.time_ns() // 1000 - 3_600_000_000
+    # 4 crops per frame, 8 cameras; each track sends a NEW_TRACK crop then one IMPROVED crop.
+    frames, k = [], 0
+    per_cam: dict[int, int] = {}
+    while k < len(jpegs):
+        cam = (k // 4) % 8
+        fi = per_cam.get(cam, 0)
+        per_cam[cam] = fi + 1
+        boxes = []
+        for slot in range(4):
+            if k >= len(jpegs):
+                break
+            tid = 1000 * cam + 4 * (fi // 2) + slot
+            boxes.append(Box(tid, (10 + 150 * slot, 50, 74 + 150 * slot, 178), crop_jpeg=jpegs[k][1],
+                             quality=0.5 + 0.1 * (fi % 2), reason="NEW_TRACK" if fi % 2 == 0 else "IMPROVED"))
+            k += 1
+        frames.append(edge_frame(f"dev-{cam}", f"cam-{cam}", fi, t0 + fi * 100_000, boxes))
+    with EmbeddedKafka(log_file=tmp / "tansu.log") as broker:
+        names = {n: f"bench_{n}" for n in ("reid_input", "reid_output", "reid_dlq")}
+        ensure_topics(broker.bootstrap, [TopicSpec(names["reid_input"], 6, 1), TopicSpec(names["reid_output"], 3, 1),
+                                         TopicSpec(names["reid_dlq"], 1, 1)])
+        p = Producer({"bootstrap.servers": broker.bootstrap, "linger.ms": 20})
+        for f in frames:
+            p.produce(names["reid_input"], key=f["device_id"].encode(), value=codec.encode(f))
+        assert p.flush(60) == 0
+        data = json.loads(json.dumps(cfg_data))
+        data["kafka"] = {**data.get("kafka", {}), "bootstrap": broker.bootstrap, "input_topic": names["reid_input"],
+                         "output_topic": names["reid_output"], "dlq_topic": names["reid_dlq"],
+                         "group_id": "bench"}
+        data["vectors"] = {"type": "qdrant_local", "path": str(tmp / "qdrant")}
+        data["store"] = {"url": f"sqlite:///{tmp / 'analytics.db'}"}
+        consumer = ReidConsumer(ServerConfig.model_validate(data))
+        first: list[float] = []
+        inner = consumer.process
+
+        def timed(items: Any) -> None:
+            if not first:
+                first.append(time.perf_counter())
+            inner(items)
+
+        consumer.process = timed  # type: ignore[method-assign]
+        th = threading.Thread(target=consumer.run, daemon=True)
+        th.start()
+        ok = consumer.metrics.messages.labels("ok")
+        deadline = time.monotonic() + 600
+        while ok._value.get() < len(frames) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        end = time.perf_counter()
+        consumer.stop.set()
+        th.join(60)
+        stages = {}
+        for metric in consumer.registry.collect():
+            if metric.name == "reidfleet_server_stage_seconds":
+                for s in metric.samples:
+                    if s.name.endswith("_sum"):
+                        stages[s.labels["stage"]] = round(s.value, 3)
+        n_crops = sum(len(f["crops"]) for f in frames)
+        return {"crops": n_crops, "frames": len(frames), "seconds": end - first[0],
+                "crops_s": n_crops / (end - first[0]), "stage_seconds": stages,
+                "batches": consumer.batches, "identities": consumer.matcher.gallery_size(),
+                "matcher": consumer.matcher.stats, "embedder": consumer.embedder.model_id,
+                "gender": consumer.cfg.gender.mode}
+
+
+def bench_match(dim: int, sizes: list[int], queries: int, tmp: Path) -> dict[str, Any]:
+    from qdrant_client import QdrantClient, models
+
+    from server.config import QdrantLocalSettings
+    from server.vectors.base import Prototype
+    from server.vectors.memory import MemoryVectorStore
+    from server.vectors.qdrant import QdrantVectorStore
+
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {}
+    for n in sizes:
+        vecs = rng.standard_normal((n, dim)).astype(np.float32)
+        vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+        ids = [str(uuid.UUID(int=i + 1)) for i in range(n)]
+        client = QdrantClient(":memory:")
+        client.create_collection("g", vectors_config=models.VectorParams(size=dim, distance=models.Distance.COSINE))
+        for s in range(0, n, 5000):
+            client.upsert("g", points=models.Batch(ids=ids[s:s + 5000], vectors=vecs[s:s + 5000].tolist(),
+                                                   payloads=[{"global_id": g} for g in ids[s:s + 5000]]), wait=False)
+        mem = MemoryVectorStore(dim=dim, capacity=n + 16)
+        mem.upsert([Prototype(ids[i], ids[i], vecs[i]) for i in range(n)])
+        # Queries: noisy copies of gallery vectors (a returning person), like real matching.
+        q = vecs[rng.integers(0, n, queries)] + 0.05 * rng.standard_normal((queries, dim)).astype(np.float32)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+        n_q = queries if n <= 20_000 else max(10, queries // 10)
+        lat_q, lat_m, agree = [], [], 0
+        for i in range(n_q):  # interleaved A B A B
+            t = time.perf_counter()
+            res = client.query_points("g", query=q[i].tolist(), limit=16 * 8, with_payload=["global_id"]).points
+            lat_q.append((time.perf_counter() - t) * 1e3)
+            t = time.perf_counter()
+            hits = mem.search(q[i], 16, 8)
+            lat_m.append((time.perf_counter() - t) * 1e3)
+            agree += int(str(res[0].payload["global_id"]) == hits[0].global_id)  # type: ignore[index]
+        client.close()
+        out[str(n)] = {"queries": n_q, "top1_agreement": agree / n_q,
+                       "qdrant_local_p50_ms": float(np.percentile(lat_q, 50)),
+                       "qdrant_local_p95_ms": float(np.percentile(lat_q, 95)),
+                       "ours_p50_ms": float(np.percentile(lat_m, 50)), "ours_p95_ms": float(np.percentile(lat_m, 95))}
+        print(f"  match {n:>6}: qdrant local p95 {out[str(n)]['qdrant_local_p95_ms']:.1f} ms, "
+              f"ours p95 {out[str(n)]['ours_p95_ms']:.2f} ms", flush=True)
+    # The persisted write per new/improved track (write-through of the cache), on a real local-mode folder.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        store = QdrantVectorStore(QdrantLocalSettings(path=str(tmp / "qdrant_w"), collection="w"), dim=dim,
+                                  model_id="bench")
+    lat_w = []
+    for i in range(200):
+        v = rng.standard_normal(dim).astype(np.float32)
+        t = time.perf_counter()
+        store.upsert([Prototype(str(uuid.uuid4()), str(i), v / np.linalg.norm(v), {"last_seen_us": i})])
+        lat_w.append((time.perf_counter() - t) * 1e3)
+    store.close()
+    out["persisted_upsert_p50_ms"] = float(np.percentile(lat_w, 50))
+    out["persisted_upsert_p95_ms"] = float(np.percentile(lat_w, 95))
+    return out
+
+
+def chart(res: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    sizes = [k for k in res["match"] if k.isdigit()]
+    x = np.arange(len(sizes))
+    a.bar(x - 0.2, [res["match"][s]["qdrant_local_p95_ms"] for s in sizes], 0.4, label="Qdrant local mode (peer)")
+    a.bar(x + 0.2, [res["match"][s]["ours_p95_ms"] for s in sizes], 0.4, label="ours: numpy cache over Qdrant")
+    a.axhline(20, color="red", ls="--", lw=1, label="target 20 ms")
+    a.set_yscale("log")
+    a.set_xticks(x, [f"{int(s) // 1000}k" for s in sizes])
+    a.set_xlabel("gallery identities")
+    a.set_ylabel("match latency p95 (ms, log)")
+    a.legend(fontsize=8)
+    a.set_title("identity match, one query")
+    labels = ["embed stage", "whole consumer"]
+    vals = [res["embed_crops_s"], res["pipeline"]["crops_s"]]
+    b.bar(labels, vals, color=["tab:blue", "tab:green"])
+    for i, v in enumerate(vals):
+        b.text(i, v, f"{v:.0f}", ha="center", va="bottom")
+    b.set_ylabel("crops / s")
+    b.set_title(f"{res['pipeline']['embedder']} on {res['cpus']} CPU cores")
+    fig.suptitle("bench-server (this machine, CPU)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench-server", description=__doc__.split("\n")[0])
+    ap.add_argument("assets", nargs="?", default=None, help="shared assets folder (default ../shared/assets)")
+    ap.add_argument("--embedder", default="intel_reid", help="embedder type (intel_reid, osnet_openvino, ...)")
+    ap.add_argument("--crops", type=int, default=256, help="crops through the whole consumer")
+    ap.add_argument("--sizes", default="1000,20000,100000")
+    ap.add_argument("--queries", type=int, default=200)
+    ap.add_argument("--gender", default="soft", choices=["off", "filter", "soft"])
+    ap.add_argument("--out", default="results")
+    a = ap.parse_args(argv)
+
+    import cv2
+
+    from common.logs import setup_logging
+    from server.embed.base import build_embedder
+
+    setup_logging("bench-server", "WARNING")
+    root = require(data_path("market1501_subset", assets=a.assets), "Market-1501 subset")
+    jpegs = market_jpegs(root, a.crops)
+    images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for _, j in jpegs]
+    res: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": allowed_cpus()}
+    embedder = build_embedder({"type": a.embedder}, assets=a.assets)
+    res["embedder"] = embedder.model_id
+    res["embed_crops_s"] = bench_embed(embedder, images, rounds=3)
+    print(f"  embed stage: {res['embed_crops_s']:.0f} crops/s ({embedder.model_id})", flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {"embedder": {"type": a.embedder}, "gender": {"mode": a.gender}, "assets": a.assets,
+               "batch": {"max_crops": 256, "max_wait_ms": 50}}
+        res["pipeline"] = bench_pipeline(cfg, jpegs, Path(tmp))
+        print(f"  whole consumer: {res['pipeline']['crops_s']:.0f} crops/s, stages {res['pipeline']['stage_seconds']}",
+              flush=True)
+        res["match"] = bench_match(embedder.dim, [int(s) for s in a.sizes.split(",")], a.queries, Path(tmp))
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench-server.json").write_text(json.dumps(res, indent=2, default=str))
+    chart(res, out / "bench-server.png")
+    m20 = res["match"].get("20000", {})
+    print(f"RESULT bench-server embed_crops_s={res['embed_crops_s']:.1f} pipeline_crops_s={res['pipeline']['crops_s']:.1f} "
+          f"match_p95_ms_20k={m20.get('ours_p95_ms', float('nan')):.2f} "
+          f"qdrant_local_p95_ms_20k={m20.get('qdrant_local_p95_ms', float('nan')):.2f} "
+          f"match_p95_ms_100k={res['match'].get('100000', {}).get('ours_p95_ms', float('nan')):.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
