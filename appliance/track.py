@@ -32,12 +32,12 @@ class TrackerConfig(StrictModel):
 
     backend: Literal["supervision", "trackers"] = Field("supervision", description="ByteTrack implementation.")
     activation_threshold: float = Field(
-        0.25, gt=0.0, lt=1.0, description="Score that makes a box 'high' (first association, may start a track)."
+        0.5, gt=0.0, lt=1.0, description="Score that makes a box 'high' (first association, may start a track)."
     )
     lost_track_buffer: int = Field(
         30, ge=0, le=10000, description="Frames (at 30 FPS; scaled to the real rate) a lost track waits to return."
     )
-    minimum_iou: float = Field(0.2, gt=0.0, lt=1.0, description="Least IoU between a track and a box to match them.")
+    minimum_iou: float = Field(0.1, gt=0.0, lt=1.0, description="Least IoU between a track and a box to match them.")
     minimum_consecutive_frames: int = Field(
         1, ge=1, le=100, description="Matched frames before a track gets an id (filters one-frame ghosts)."
     )

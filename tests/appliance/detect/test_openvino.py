@@ -1,0 +1,158 @@
+"""The real IR on real images: persons found where COCO says, corrupt models fail clearly, ordered streams."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from appliance.detect import build_detector
+from appliance.detect.base import DEFAULT_MODEL_DIR, Detector, DetectorConfig, ModelLoadError
+from appliance.detect.openvino import OpenVinoDetector, plan_runtime
+from appliance.types import Frame
+
+COCO = Path("data") / "coco_val2017_subset"
+
+
+@pytest.fixture(scope="module")
+def detector(assets: Path) -> Iterator[OpenVinoDetector]:
+    det = OpenVinoDetector(DetectorConfig(model_dir=assets / "models" / DEFAULT_MODEL_DIR))
+    yield det
+    det.close()
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix between (N,4) and (M,4) xyxy boxes."""
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=2)
+    area = lambda x: np.prod(x[:, 2:] - x[:, :2], axis=1)  # noqa: E731
+    return inter / (area(a)[:, None] + area(b)[None, :] - inter)
+
+
+def _coco_people(assets: Path, min_area: float = 96 * 96) -> list[tuple[Path, np.ndarray]]:
+    """Images with at least one large, uncrowded person; boxes as xyxy."""
+    ann = json.loads((assets / COCO / "annotations" / "instances_val2017.json").read_text())
+    by_image: dict[int, list[list[float]]] = {}
+    crowded = {a["image_id"] for a in ann["annotations"] if a["category_id"] == 1 and a["iscrowd"]}
+    for a in ann["annotations"]:
+        if a["category_id"] == 1 and not a["iscrowd"] and a["area"] >= min_area:
+            x, y, w, h = a["bbox"]
+            by_image.setdefault(a["image_id"], []).append([x, y, x + w, y + h])
+    files = {i["id"]: i["file_name"] for i in ann["images"]}
+    return [
+        (assets / COCO / "val2017" / files[i], np.array(b, np.float32))
+        for i, b in sorted(by_image.items())
+        if i not in crowded
+    ]
+
+
+def test_model_identity(detector: OpenVinoDetector) -> None:
+    assert isinstance(detector, Detector)
+    assert detector.model_id == "yolo11n_coco_int8_640"
+    assert detector.model_version == "df1ce92b661e"  # sha256 prefix of yolo11n.bin (MANIFEST.md)
+
+
+def test_finds_large_coco_people_where_annotated(detector: OpenVinoDetector, assets: Path) -> None:
+    cases = _coco_people(assets)
+    assert len(cases) >= 10
+    found = total = 0
+    for path, gt in cases:
+        img = cv2.imread(str(path))
+        d = detector.detect(img)
+        assert (d.class_id == 0).all()
+        assert (d.xyxy[:, [0, 2]] <= img.shape[1]).all() and (d.xyxy[:, [1, 3]] <= img.shape[0]).all()
+        if len(d):
+            found += int((_iou(gt, d.xyxy).max(axis=1) >= 0.5).sum())
+        total += len(gt)
+    assert found / total >= 0.85, f"only {found}/{total} large annotated people found at IoU 0.5"
+
+
+def test_no_people_on_a_blank_frame(detector: OpenVinoDetector) -> None:
+    assert len(detector.detect(np.full((480, 640, 3), 127, np.uint8))) == 0
+
+
+def test_stream_keeps_input_order_and_matches_detect(detector: OpenVinoDetector, assets: Path) -> None:
+    paths = [p for p, _ in _coco_people(assets)[:5]]
+    images = [cv2.imread(str(p)) for p in paths] * 2  # mixed sizes, repeated
+    frames = [Frame("cam", i, i, img) for i, img in enumerate(images)]
+    out = list(detector.stream(iter(frames)))
+    assert [f.frame_index for f, _ in out] == list(range(len(frames)))
+    for (frame, d), img in zip(out, images, strict=True):
+        ref = detector.detect(img)
+        assert frame.image is img
+        np.testing.assert_allclose(d.xyxy, ref.xyxy, atol=1e-3)
+    assert list(detector.stream(iter([]))) == []
+
+
+def test_stream_raises_on_a_bad_frame_after_earlier_results(detector: OpenVinoDetector) -> None:
+    good = Frame("cam", 0, 0, np.zeros((480, 640, 3), np.uint8))
+    bad = Frame("cam", 1, 0, np.zeros((480, 640), np.uint8))
+    got = []
+    with pytest.raises(ValueError, match="H x W x 3"):
+        for item in detector.stream([good, bad]):
+            got.append(item)
+    # the detector stays usable afterwards
+    assert len(list(detector.stream([good]))) == 1
+
+
+def test_truncated_weights_fail_clearly(assets: Path, tmp_path: Path) -> None:
+    src = assets / "models" / DEFAULT_MODEL_DIR
+    shutil.copy(src / "yolo11n.xml", tmp_path / "yolo11n.xml")
+    (tmp_path / "yolo11n.bin").write_bytes((src / "yolo11n.bin").read_bytes()[:100_000])
+    with pytest.raises(ModelLoadError, match="truncated or corrupt"):
+        OpenVinoDetector(DetectorConfig(model_dir=tmp_path))
+
+
+def test_corrupt_xml_and_missing_files_fail_clearly(assets: Path, tmp_path: Path) -> None:
+    src = assets / "models" / DEFAULT_MODEL_DIR
+    (tmp_path / "yolo11n.xml").write_bytes((src / "yolo11n.xml").read_bytes()[:50_000])
+    shutil.copy(src / "yolo11n.bin", tmp_path / "yolo11n.bin")
+    with pytest.raises(ModelLoadError, match="cannot read OpenVINO IR"):
+        OpenVinoDetector(DetectorConfig(model_dir=tmp_path))
+    (tmp_path / "yolo11n.bin").unlink()
+    with pytest.raises(ModelLoadError, match="no weights file"):
+        OpenVinoDetector(DetectorConfig(model_dir=tmp_path))
+    with pytest.raises(ModelLoadError, match="not found"):
+        OpenVinoDetector(DetectorConfig(model_dir=tmp_path / "nope"))
+
+
+def test_manifest_mismatch_is_refused(assets: Path, tmp_path: Path) -> None:
+    src = assets / "models" / DEFAULT_MODEL_DIR
+    for name in ("yolo11n.xml", "yolo11n.bin"):
+        shutil.copy(src / name, tmp_path / name)
+    manifest = {
+        "model_id": "yolo11n_coco_int8_640",
+        "version": "1",
+        "task": "detect",
+        "entrypoint": "yolo11n.xml",
+        "input": {"name": "x", "shape": [1, 3, 640, 640], "color": "RGB", "scale": 255.0, "resize": "letterbox"},
+        "files": [
+            {"path": "yolo11n.xml", "sha256": "0" * 64, "size_bytes": (src / "yolo11n.xml").stat().st_size},
+        ],
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelLoadError, match="sha256 differs"):
+        OpenVinoDetector(DetectorConfig(model_dir=tmp_path))
+
+
+def test_unknown_backend_lists_known_names() -> None:
+    with pytest.raises(ValidationError, match="known: openvino"):
+        DetectorConfig(type="tensorrt")
+    with pytest.raises(ValueError, match="known: openvino"):
+        build_detector(DetectorConfig.model_construct(type="tensorrt"))
+
+
+def test_runtime_plan_follows_cpu_count() -> None:
+    cfg = DetectorConfig()
+    one, two = plan_runtime(cfg, cpus=1), plan_runtime(cfg, cpus=2)
+    assert one.threads == 1 and two.threads == 2
+    assert one.inflight >= 1 and two.inflight >= 1
+    pinned = plan_runtime(DetectorConfig(threads=3, streams=2, inflight_requests=4, performance_hint="THROUGHPUT"), 8)
+    assert (pinned.hint, pinned.threads, pinned.streams, pinned.inflight) == ("THROUGHPUT", 3, 2, 4)
