@@ -46,6 +46,18 @@ bench-env:
       .venv-bench/bin/pip install -q -e ".[appliance,bench]"
     fi
 
+# detector: person AP50 / AP50:95 on the COCO subset, ours beside Ultralytics on the same IR → results/eval-detect.{json,png}
+eval-detect assets=assets: bench-env
+    .venv-bench/bin/python -m appliance.evaluate.detect_ap --assets {{assets}}
+
+# detector + tracker: MOTA / IDF1 / HOTA on MOT15 PETS09-S2L1 + TUD-Campus beside Ultralytics track() → results/eval-track.{json,png}
+eval-track assets=assets *ARGS: bench-env
+    .venv-bench/bin/python -m appliance.evaluate.track_mot --assets {{assets}} {{ARGS}}
+
+# detector FPS on 1 and 2 pinned cores (runtime variants, Ultralytics predict interleaved) → results/bench-detector.{json,png}
+bench-detector assets=assets *ARGS: bench-env
+    .venv-bench/bin/python -m appliance.evaluate.detector_speed --assets {{assets}} {{ARGS}}
+
 # Re-ID Rank-1/mAP of every embedder + gender accuracy on the Market subset → results/eval-reid.{json,png}
 eval-reid assets=assets:
     python -m server.eval_reid {{assets}}
