@@ -146,7 +146,7 @@ def csv_button(label: str, df: Any, file_name: str, key: str) -> None:
     st.download_button(label, df.to_csv(index=False).encode(), file_name=file_name, mime="text/csv", key=key)
 
 
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner=False, on_release=lambda feed: feed.stop())
 def live_feed(bootstrap: str, input_topic: str, output_topic: str, lookback_s: float) -> Any:
     """One Kafka reader per dashboard process, shared by every browser session."""
     from dashboard.live_feed import LiveFeed
