@@ -99,3 +99,7 @@ server *ARGS:
 # server: embedding and whole-consumer crops/s, identity-match p50/p95 at 1k/20k/100k (Qdrant local vs ours) → results/bench-server.{json,png}
 bench-server assets=assets *ARGS:
     python -m server.bench {{assets}} {{ARGS}}
+
+# server: cross-camera id accuracy (pairwise precision/recall) on two MOT15 frame ranges through the whole server → results/eval-xcam.{json,png}
+eval-xcam seq_a="PETS09-S2L1:1-150" seq_b="PETS09-S2L1:151-300" assets=assets *ARGS:
+    python -m benchmarks.eval_xcam {{seq_a}} {{seq_b}} --assets {{assets}} {{ARGS}}

@@ -51,9 +51,10 @@ def bench_embed(embedder: Any, images: list[np.ndarray], rounds: int) -> float:
 
 
 def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp: Path) -> dict[str, Any]:
+    from confluent_kafka import Producer
+
     from common.kafka import ensure_topics
     from common.tansu import EmbeddedKafka
-    from confluent_kafka import Producer
     from schemas.codec import AvroCodec
     from schemas.topics import TopicSpec
     from server.config import ServerConfig
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     (out / "bench-server.json").write_text(json.dumps(res, indent=2, default=str))
     chart(res, out / "bench-server.png")
     m20 = res["match"].get("20000", {})
-    print(f"RESULT bench-server embed_crops_s={res['embed_crops_s']:.1f} pipeline_crops_s={res['pipeline']['crops_s']:.1f} "
+    print(f"RESULT bench-server embed_crops_s={res['embed_crops_s']:.1f} "
+          f"pipeline_crops_s={res['pipeline']['crops_s']:.1f} "
           f"match_p95_ms_20k={m20.get('ours_p95_ms', float('nan')):.2f} "
           f"qdrant_local_p95_ms_20k={m20.get('qdrant_local_p95_ms', float('nan')):.2f} "
           f"match_p95_ms_100k={res['match'].get('100000', {}).get('ours_p95_ms', float('nan')):.2f}")
