@@ -253,6 +253,7 @@ class ReidConsumer:
             self.matcher.expire(latest_us, batch)
         t4 = time.perf_counter()
         m.stage.labels("match").observe(t4 - t3)
+        self.vectors.flush()
         self.store.write(batch)
         t5 = time.perf_counter()
         m.stage.labels("vectors_store").observe(t5 - t4)

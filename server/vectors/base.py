@@ -55,6 +55,10 @@ class VectorStore(Protocol):
 
     def count(self) -> int: ...
 
+    def flush(self) -> None:
+        """Make every change so far durable (the consumer calls it once per batch, before committing)."""
+        ...
+
     def close(self) -> None: ...
 
 

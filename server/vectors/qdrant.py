@@ -119,5 +119,8 @@ class QdrantVectorStore:
     def count(self) -> int:
         return int(self.client.count(self.collection, exact=True).count)
 
+    def flush(self) -> None:
+        return None  # every call above already waited for Qdrant
+
     def close(self) -> None:
         self.client.close()

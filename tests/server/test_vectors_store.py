@@ -1,0 +1,88 @@
+"""Vector stores (numpy, Qdrant local, the cache over it) and the analytics store's idempotent upserts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+from server.config import QdrantLocalSettings
+from server.store import AnalyticsStore, BatchWrite, sightings
+from server.vectors.base import Prototype, build_vectors
+from server.vectors.memory import MemoryVectorStore
+
+
+def unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    v = rng.standard_normal((n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def test_search_ranks_identities_by_their_best_prototype() -> None:
+    rng = np.random.default_rng(1)
+    v = unit(rng, 50, 32)
+    mem = MemoryVectorStore(dim=32, capacity=4)  # forces growth
+    # identity "a" owns rows 0-2, every other row is its own identity
+    mem.upsert([Prototype(f"p{i}", "a" if i < 3 else f"g{i}", v[i]) for i in range(50)])
+    hits = mem.search(v[1], limit=5, bank_size=3)
+    assert hits[0].global_id == "a" and hits[0].point_id == "p1" and abs(hits[0].score - 1.0) < 1e-5
+    assert len({h.global_id for h in hits}) == 5
+    mem.delete_identities(["a"])
+    assert mem.count() == 47 and all(h.global_id != "a" for h in mem.search(v[1], 5, 3))
+    assert mem.retrieve(["p10"])["p10"].global_id == "g10"
+
+
+def test_cache_over_qdrant_local_flushes_and_reloads(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    v = unit(rng, 20, 16)
+    cfg = QdrantLocalSettings(path=str(tmp_path / "q"))
+    store = build_vectors(cfg, 16, "m1")
+    store.upsert([Prototype(f"00000000-0000-0000-0000-{i:012d}", f"g{i % 5}", v[i], {"last_seen_us": i})
+                  for i in range(20)])
+    store.delete_identities(["g0"])
+    store.flush()
+    store.close()
+    again = build_vectors(cfg, 16, "m1")  # the durable copy has exactly what the cache had
+    assert again.count() == 16
+    assert {p.global_id for p in again.scroll()} == {"g1", "g2", "g3", "g4"}
+    best = again.search(v[7], 1, 4)[0]
+    assert best.global_id == "g2" and best.score > 0.999
+    again.close()
+
+
+def test_store_upserts_are_idempotent_and_merge_min_max(tmp_path: Path) -> None:
+    store = AnalyticsStore(f"sqlite:///{tmp_path / 'a.db'}")
+
+    def batch(first: int, last: int, gid: str | None) -> BatchWrite:
+        b = BatchWrite()
+        b.tracks["t1"] = {"track_uid": "t1", "device_id": "d", "camera_id": "c", "track_id": 1, "global_id": gid,
+                          "first_seen_us": first, "last_seen_us": last, "first_frame_index": 0,
+                          "last_frame_index": 3, "n_crops": 1, "male_probability": None, "match_similarity": None,
+                          "is_new_identity": False, "ended": False}
+        b.sightings[("t1", 0)] = {"track_uid": "t1", "bucket_start_us": 0, "device_id": "d", "camera_id": "c",
+                                  "global_id": gid, "first_seen_us": first, "last_seen_us": last}
+        return b
+
+    store.write(batch(100, 200, None))
+    store.write(batch(150, 300, "g"))
+    store.write(batch(150, 300, "g"))  # redelivery
+    store.write(batch(120, 180, None))  # an older frame replayed later must not erase anything
+    with store.engine.connect() as c:
+        rows = c.execute(sa.select(sightings)).mappings().all()
+    assert len(rows) == 1 and (rows[0]["first_seen_us"], rows[0]["last_seen_us"], rows[0]["global_id"]) == (
+        100, 300, "g")
+    assert store.find_track("d", "c", 1, 250, 10_000_000)["track_uid"] == "t1"
+    assert store.find_track("d", "c", 1, 50, 10_000_000) is None  # before the track started
+    store.close()
+
+
+def test_upserts_compile_for_postgresql() -> None:
+    """The PostgreSQL dialect path (no server here): the same statements must compile with LEAST/GREATEST."""
+    store = AnalyticsStore("sqlite://")
+    store.dialect = "postgresql"
+    stmt = store._insert(sightings)
+    stmt = stmt.on_conflict_do_update(index_elements=["track_uid", "bucket_start_us"], set_={
+        "first_seen_us": store._least(sightings.c.first_seen_us, stmt.excluded.first_seen_us)})
+    sql = str(stmt.compile(dialect=postgresql.dialect()))
+    assert "ON CONFLICT (track_uid, bucket_start_us) DO UPDATE" in sql and "least(" in sql.lower()
