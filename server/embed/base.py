@@ -45,7 +45,11 @@ class OsnetTorchConfig(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     fp16: bool = Field(True, description="Half precision on CUDA (ignored on CPU).")
     channels_last: bool = Field(True, description="NHWC memory format on CUDA (ignored on CPU).")
+    cuda_graphs: bool = Field(True, description="Replay CUDA graphs per batch bucket of 64 on CUDA (ignored on CPU).")
     batch_size: int = Field(512, ge=1, le=8192, description="Crops per forward pass.")
+    jpeg_decoder: Literal["cpu", "nvjpeg"] = Field("nvjpeg", description="embed_jpegs decoder on CUDA: torchvision "
+                                                   "nvJPEG (falls back to cpu without torchvision) or OpenCV threads.")
+    decode_threads: int = Field(0, ge=0, le=256, description="CPU JPEG decode threads (0 = min(16, cores)).")
     threads: int = Field(0, ge=0, le=256, description="CPU threads for torch (0 = torch default).")
 
 

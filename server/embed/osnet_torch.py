@@ -9,8 +9,11 @@ available: JPEG bytes → GPU decode → GPU resize → network.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -18,8 +21,9 @@ import torch
 from torch.nn import functional as F
 
 from server.embed.base import OsnetTorchConfig
+from server.embed.gpu_resize import resize_packed_bilinear
 from server.embed.osnet_model import OSNet, StateDictMismatch, fold_batchnorm, load_torchreid_state_dict
-from server.embed.preprocess import CropError, batches, resize_stack
+from server.embed.preprocess import CropError, batches, check_crop, resize_stack
 from server.embed.weights import WeightsError, shared_model_file, verify_sha256
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,7 @@ log = logging.getLogger(__name__)
 HEIGHT, WIDTH = 256, 128
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+GRAPH_BUCKET = 64
 
 
 def resolve_osnet_weights(weights: str, weights_path: str | None, sha256: str | None, assets: str | None) -> Path:
@@ -75,43 +80,98 @@ class OsnetTorchEmbedder:
         # Normalisation on the device, on RGB input scaled 0..255: x = (p - 255·mean) / (255·std).
         self._mean = torch.tensor(IMAGENET_MEAN_RGB, device=self.device).view(1, 3, 1, 1) * 255.0
         self._std = torch.tensor(IMAGENET_STD_RGB, device=self.device).view(1, 3, 1, 1) * 255.0
+        self._graphs: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] | None = (
+            {} if on_gpu and cfg.cuda_graphs else None)
+        self._pool: Any = None
+        self._pool_exec: ThreadPoolExecutor | None = None
         log.info("osnet embedder ready", extra={"model_id": self.model_id, "device": str(self.device),
                                                 "dtype": str(self.dtype)})
 
     @torch.inference_mode()
     def _forward_rgb(self, rgb_nchw: torch.Tensor) -> np.ndarray:
-        """uint8/float RGB (N,3,256,128) on the device → (N, dim) unit float32 rows on the host."""
-        x = (rgb_nchw.float() - self._mean) / self._std
+        """uint8/float RGB 0–255 (N,3,256,128) → (N, dim) unit float32 rows on the host."""
+        x = (rgb_nchw.to(self.device).float() - self._mean) / self._std
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
-        feats = self.model(x).float()
-        return F.normalize(feats, dim=1).cpu().numpy()
+        feats = self._graphed(x) if self._graphs is not None else self.model(x)
+        return F.normalize(feats.float(), dim=1).cpu().numpy()
+
+    def _graphed(self, x: torch.Tensor) -> torch.Tensor:
+        """Replay a CUDA graph captured for this batch's bucket (next multiple of 64): one launch per forward.
+
+        The rows past ``n`` hold stale inputs; in eval mode (BatchNorm folded) rows never interact, so
+        they only cost compute and are cut off. Measured on an H100: +37 % at batch 256, +4 % at 1024.
+        """
+        n = x.shape[0]
+        bucket = min(-(-n // GRAPH_BUCKET) * GRAPH_BUCKET, max(self.cfg.batch_size, GRAPH_BUCKET))
+        entry = self._graphs.get(bucket)  # type: ignore[union-attr]
+        if entry is None:
+            static_in = torch.zeros((bucket, *x.shape[1:]), dtype=x.dtype, device=self.device).contiguous(
+                memory_format=self.memory_format)
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.model(static_in)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                static_out = self.model(static_in)
+            self._pool = graph.pool()
+            entry = self._graphs[bucket] = (graph, static_in, static_out)  # type: ignore[index]
+        graph, static_in, static_out = entry
+        static_in[:n].copy_(x)
+        graph.replay()
+        return static_out[:n].clone()
 
     def embed(self, crops_bgr: Sequence[np.ndarray]) -> np.ndarray:
         out = np.empty((len(crops_bgr), self.dim), dtype=np.float32)
         for s in batches(len(crops_bgr), self.cfg.batch_size):
-            stack = resize_stack(crops_bgr[s], HEIGHT, WIDTH)  # (n,H,W,3) BGR uint8
-            t = torch.from_numpy(stack).to(self.device, non_blocking=True)
-            out[s] = self._forward_rgb(t.permute(0, 3, 1, 2).flip(1))
+            if self.device.type == "cuda":  # raw crops up in one copy, resized on the GPU (BGR→RGB on the way)
+                out[s] = self._forward_rgb(self._upload_resize(crops_bgr[s], s.start))
+            else:
+                stack = resize_stack(crops_bgr[s], HEIGHT, WIDTH)  # (n,H,W,3) BGR uint8
+                out[s] = self._forward_rgb(torch.from_numpy(stack).permute(0, 3, 1, 2).flip(1))
         return out
 
+    def _upload_resize(self, crops: Sequence[np.ndarray], first_index: int) -> torch.Tensor:
+        for i, c in enumerate(crops):
+            check_crop(first_index + i, c)
+        sizes = np.array([c.size for c in crops], dtype=np.int64)
+        flat = torch.empty(int(sizes.sum()), dtype=torch.uint8, pin_memory=True)
+        np.concatenate([np.ascontiguousarray(c).reshape(-1) for c in crops], out=flat.numpy())
+        offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+        hw = torch.tensor([c.shape[:2] for c in crops], dtype=torch.int64)
+        return resize_packed_bilinear(flat.to(self.device, non_blocking=True), offsets, hw[:, 0], hw[:, 1],
+                                      planar=False, out_h=HEIGHT, out_w=WIDTH, channel_order=(2, 1, 0))
+
     def embed_jpegs(self, jpegs: Sequence[bytes]) -> np.ndarray:
-        """Embed JPEG-encoded crops; decodes on the GPU (nvJPEG via torchvision) when it can."""
-        if self.device.type == "cuda" and _gpu_jpeg_available():
+        """Embed JPEG-encoded crops, decoded by nvJPEG on the GPU (default on CUDA) or a CPU thread pool.
+
+        Measured on an H100 box (16 vCPUs), batch 1024 of 96×192 crops: nvJPEG path 11.4k crops/s end to
+        end, OpenCV thread pool 5.8k (docs/server-models.md). Without CUDA or torchvision: the CPU path.
+        """
+        if self.cfg.jpeg_decoder == "nvjpeg" and self.device.type == "cuda" and _gpu_jpeg_available():
             out = np.empty((len(jpegs), self.dim), dtype=np.float32)
             for s in batches(len(jpegs), self.cfg.batch_size):
                 out[s] = self._forward_rgb(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start))
             return out
-        return self.embed(decode_jpegs_cpu(jpegs))
+        if self._pool_exec is None:
+            self._pool_exec = ThreadPoolExecutor(self.cfg.decode_threads or min(16, os.cpu_count() or 1),
+                                                 thread_name_prefix="jpeg")
+        return self.embed(decode_jpegs_cpu(jpegs, self._pool_exec))
 
 
-def decode_jpegs_cpu(jpegs: Sequence[bytes]) -> list[np.ndarray]:
-    crops = []
-    for i, data in enumerate(jpegs):
-        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+def _decode_one(data: bytes) -> np.ndarray | None:
+    return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+
+
+def decode_jpegs_cpu(jpegs: Sequence[bytes], pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+    """BGR crops from encoded bytes; OpenCV releases the GIL, so a thread pool decodes in parallel."""
+    images = list(pool.map(_decode_one, jpegs, chunksize=32)) if pool else [_decode_one(d) for d in jpegs]
+    for i, img in enumerate(images):
         if img is None:
-            raise CropError(f"crop {i}: not a decodable image ({len(data)} bytes)")
-        crops.append(img)
-    return crops
+            raise CropError(f"crop {i}: not a decodable image ({len(jpegs[i])} bytes)")
+    return images  # type: ignore[return-value]
 
 
 def _gpu_jpeg_available() -> bool:
@@ -123,7 +183,7 @@ def _gpu_jpeg_available() -> bool:
 
 
 def decode_resize_jpegs_gpu(jpegs: Sequence[bytes], device: torch.device, first_index: int = 0) -> torch.Tensor:
-    """(N,3,256,128) uint8 RGB on ``device``: batched nvJPEG decode, then a bilinear resize per crop."""
+    """(N,3,256,128) float32 RGB 0–255 on ``device``: one batched nvJPEG decode, one packed resize."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
     for i, data in enumerate(jpegs):
@@ -139,11 +199,8 @@ def decode_resize_jpegs_gpu(jpegs: Sequence[bytes], device: torch.device, first_
             except RuntimeError as exc:
                 raise CropError(f"crop {first_index + i}: JPEG does not decode ({exc})") from exc
         raise
-    out = torch.empty((len(images), 3, HEIGHT, WIDTH), dtype=torch.uint8, device=device)
-    for i, img in enumerate(images):
-        if img.shape[1] == HEIGHT and img.shape[2] == WIDTH:
-            out[i] = img
-        else:
-            out[i] = F.interpolate(img.unsqueeze(0).float(), size=(HEIGHT, WIDTH), mode="bilinear",
-                                   align_corners=False, antialias=False).round_().clamp_(0, 255).to(torch.uint8)[0]
-    return out
+    sizes = torch.tensor([img.numel() for img in images], dtype=torch.int64)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    hw = torch.tensor([img.shape[1:] for img in images], dtype=torch.int64)
+    flat = torch.cat([img.reshape(-1) for img in images])
+    return resize_packed_bilinear(flat, offsets, hw[:, 0], hw[:, 1], planar=True, out_h=HEIGHT, out_w=WIDTH)

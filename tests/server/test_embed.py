@@ -157,3 +157,22 @@ def test_gpu_path_equals_cpu_when_cuda_present(market: tuple[list[np.ndarray], n
     cpu = build_embedder({"type": "osnet_torch", "device": "cpu"}).embed(crops)
     assert float((gpu * cpu).sum(1).min()) > 0.999
 
+
+
+def test_packed_gpu_resize_matches_opencv() -> None:
+    """The batched resize used on the GPU, run on CPU tensors, against cv2.INTER_LINEAR (up- and downscaling)."""
+    from server.embed.gpu_resize import resize_packed_bilinear
+
+    rng = np.random.default_rng(0)
+    crops = [cv2.GaussianBlur(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8), (5, 5), 0)
+             for h, w in rng.integers([20, 10], [400, 260], size=(12, 2))]
+    sizes = np.array([c.size for c in crops])
+    offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
+    hs, ws = torch.tensor([c.shape[0] for c in crops]), torch.tensor([c.shape[1] for c in crops])
+    ref = np.stack([cv2.resize(c, (128, 256), interpolation=cv2.INTER_LINEAR) for c in crops]).transpose(0, 3, 1, 2)
+    hwc = torch.from_numpy(np.concatenate([c.reshape(-1) for c in crops]))
+    out = resize_packed_bilinear(hwc, offsets, hs, ws, planar=False, out_h=256, out_w=128, channel_order=(2, 1, 0))
+    assert np.abs(out.numpy() - ref[:, ::-1]).max() < 1.0  # OpenCV's fixed-point weights: < 1 grey level
+    chw = torch.from_numpy(np.concatenate([c.transpose(2, 0, 1).reshape(-1) for c in crops]))
+    out = resize_packed_bilinear(chw, offsets, hs, ws, planar=True, out_h=256, out_w=128)
+    assert np.abs(out.numpy() - ref).max() < 1.0
