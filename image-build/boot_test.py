@@ -311,10 +311,11 @@ def main() -> int:
         return 1
     finally:
         (workdir / "disk.img").unlink(missing_ok=True)
-    from report import merge
+    from report import chart, merge
 
     ok = args.no_bundle or res.get("frames_received", 0) >= args.frames
-    merge(args.results, "boot_no_bundle" if args.no_bundle else "boot", res)
+    doc = merge(args.results, "boot_no_bundle" if args.no_bundle else "boot", res)
+    chart(doc, args.results.with_suffix(".png"))
     print(json.dumps(res, indent=2, default=str))
     keys = ["status_page_s", "boot_to_ready_s", "first_frame_s", "frames_received", "clean_poweroff"]
     print(f"RESULT image_boot ok={ok} " + " ".join(f"{k}={res.get(k)}" for k in keys if k in res))

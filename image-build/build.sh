@@ -53,7 +53,10 @@ fi
 [ -n "$sources" ] || die "no Debian $suite apt sources found on this machine; set MIRROR_SOURCES to a sources file"
 
 work="$out/work"
-rm -rf "$work"
+# A killed earlier run may have left /proc, /sys, /dev mounted in its tree: unmount, and never let rm cross
+# into another filesystem (an rbind of the host's /dev).
+awk -v w="$work/" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r | xargs -r -n1 umount -l 2>/dev/null || true
+rm -rf --one-file-system "$work"
 mkdir -p "$out" "$work" "$cache/debs" "$cache/wheels"
 
 # ------------------------------------------------------------------------------------------------
@@ -68,6 +71,7 @@ if ! "$py" -m pip download -q --only-binary=:all: -d "$cache/wheels" "reidfleet[
   grep -v "is ignored: it is neither a file nor a directory" "$work/pip-download.log" >&2
   die "pip download of the appliance wheels failed"
 fi
+rm -f "$cache/wheels"/reidfleet-*.whl  # pip download copies the project wheel in; it is built fresh each time
 cp "$wheel" "$work/"
 echo "    $(ls "$cache/wheels"/*.whl | wc -l) wheels, $(du -sh "$cache/wheels" | cut -f1)" >&2
 
@@ -82,27 +86,50 @@ cp -r "$model_src" "$work/payload/models/yolo11n_coco_int8_640"
 "$py" "$here/make_testclip.py" "$work/payload/testclip.mp4" >&2
 
 # ------------------------------------------------------------------------------------------------
-step "root filesystem: Debian $suite minbase + kernel + systemd + appliance venv (mmdebstrap)"
+step "root filesystem: Debian $suite minbase + kernel + systemd (mmdebstrap, cached) + appliance venv"
 packages="$(sed -e 's/#.*//' "$here/packages.txt" | xargs | tr ' ' ',')"
 rootfs="$work/rootfs"
-# Hooks run on this machine with "$1" = the new root; `chroot "$1"` runs inside it (with /proc, /sys, /dev).
-mmdebstrap --variant=minbase --mode=root --format=directory \
-  --include="$packages" \
-  --aptopt='Acquire::Check-Valid-Until "false"' \
-  --aptopt='APT::Install-Recommends "false"' \
-  --dpkgopt='path-exclude=/usr/share/man/*' \
-  --dpkgopt='path-exclude=/usr/share/locale/*' \
-  --dpkgopt='path-include=/usr/share/locale/locale.alias' \
-  --dpkgopt='path-exclude=/usr/share/doc/*' \
-  --dpkgopt='path-include=/usr/share/doc/*/copyright' \
-  --dpkgopt='path-exclude=/usr/share/info/*' \
-  --skip=essential/unlink \
-  --setup-hook='mkdir -p "$1/var/cache/apt/archives/"' \
-  --setup-hook="sync-in '$cache/debs' /var/cache/apt/archives/" \
-  --essential-hook="sync-out /var/cache/apt/archives '$cache/debs'" \
-  --customize-hook="sync-out /var/cache/apt/archives '$cache/debs'" \
-  --customize-hook="IMAGE_VERSION='$version' IMAGE_BUILD_ID='$build_id' '$here/customize.sh' \"\$1\" '$here' '$work' '$cache/wheels'" \
-  "$suite" "$rootfs" "$sources" >&2
+# The Debian part is cached as a tarball keyed by the package list (IMAGE_REFRESH=1 rebuilds it, e.g. for
+# security updates); only the reidfleet part (customize.sh) runs on every build.
+base_key="$(printf '%s %s' "$suite" "$packages" | sha256sum | cut -c1-16)"
+base_tar="$cache/base-$base_key.tar"
+if [ ! -s "$base_tar" ] || [ "${IMAGE_REFRESH:-0}" = 1 ]; then
+  mmdebstrap --variant=minbase --mode=root --format=tar \
+    --include="$packages" \
+    --aptopt='Acquire::Check-Valid-Until "false"' \
+    --aptopt='APT::Install-Recommends "false"' \
+    --dpkgopt='path-exclude=/usr/share/man/*' \
+    --dpkgopt='path-exclude=/usr/share/locale/*' \
+    --dpkgopt='path-include=/usr/share/locale/locale.alias' \
+    --dpkgopt='path-exclude=/usr/share/doc/*' \
+    --dpkgopt='path-include=/usr/share/doc/*/copyright' \
+    --dpkgopt='path-exclude=/usr/share/info/*' \
+    --skip=essential/unlink \
+    --setup-hook='mkdir -p "$1/var/cache/apt/archives/"' \
+    --setup-hook="sync-in '$cache/debs' /var/cache/apt/archives/" \
+    --customize-hook="sync-out /var/cache/apt/archives '$cache/debs'" \
+    "$suite" "$base_tar.tmp" "$sources" >&2
+  rm -f "$cache"/base-*.tar
+  mv "$base_tar.tmp" "$base_tar"
+else
+  echo "    Debian base from cache: $(basename "$base_tar") (IMAGE_REFRESH=1 to rebuild)" >&2
+fi
+mkdir -p "$rootfs"
+tar -C "$rootfs" --numeric-owner --xattrs --xattrs-include='*' -xpf "$base_tar"
+# customize.sh runs `chroot`: give the tree /proc, /sys and /dev the way mmdebstrap's hooks have them.
+mounts=()
+cleanup_mounts() { local i; for ((i = ${#mounts[@]} - 1; i >= 0; i--)); do umount -l "${mounts[i]}" 2>/dev/null || true; done; mounts=(); }
+trap cleanup_mounts EXIT
+for fs in proc sys dev; do
+  case $fs in
+    proc) mount -t proc proc "$rootfs/proc" ;;
+    sys) mount -t sysfs sys "$rootfs/sys" ;;
+    dev) mount --rbind /dev "$rootfs/dev" ;;
+  esac
+  mounts+=("$rootfs/$fs")
+done
+IMAGE_VERSION="$version" IMAGE_BUILD_ID="$build_id" "$here/customize.sh" "$rootfs" "$here" "$work" "$cache/wheels"
+cleanup_mounts
 
 # ------------------------------------------------------------------------------------------------
 step "boot files out of the root (kernel, initrd, systemd-boot) and the root image (erofs lz4hc)"
@@ -143,9 +170,11 @@ mcopy -i "$esp" "$boot/initrd.img" ::/reidfleet/a/initrd.img
 # editor no: nobody can add init=/bin/sh at the boot menu. timeout 0: straight into the default entry.
 printf 'timeout 0\neditor no\nconsole-mode keep\nauto-entries no\nauto-firmware no\n' > "$work/loader.conf"
 mcopy -i "$esp" "$work/loader.conf" ::/loader/loader.conf
-"$here/loader_entry.sh" a "$version" "$build_id" > "$work/entry-a.conf"
-# Factory entry has no boot counter: there is nothing to fall back to yet.
-mcopy -i "$esp" "$work/entry-a.conf" "::/loader/entries/reidfleet-$build_id-a.conf"
+# Factory entry has no boot counter: there is nothing to fall back to yet. The renderer is the one the
+# device's A/B updater uses (stdlib only, so the build machine's Python runs it).
+helper="$here/overlay/usr/lib/reidfleet/reidfleet_boot.py"
+"$py" "$helper" loader-entry a "$version" "$build_id" > "$work/entry-a.conf"
+mcopy -i "$esp" "$work/entry-a.conf" "::/loader/entries/$("$py" "$helper" loader-entry a "$version" "$build_id" --name-only)"
 printf '%s %s\n' "$version" "$build_id" > "$work/slot-version"
 mcopy -i "$esp" "$work/slot-version" ::/reidfleet/a/VERSION
 
@@ -193,11 +222,13 @@ ln -sfn "$(basename "$final.zst").sha256" "$out/$name.img.zst.sha256"
 mkdir -p "$out/update"
 cp "$work/root.img" "$out/update/root.img"
 cp "$boot/vmlinuz" "$boot/initrd.img" "$out/update/"
-printf '{"version": "%s", "build_id": "%s", "kernel": "%s"}\n' "$version" "$build_id" "$kver" > "$out/update/VERSION.json"
+"$py" -c "import sys; sys.path.insert(0, sys.argv[1]); import reidfleet_boot as rb; from pathlib import Path; \
+rb.write_os_manifest(Path(sys.argv[2]), sys.argv[3], sys.argv[4])" "$(dirname "$helper")" "$out/update" "$version" "$build_id"
+echo "    A/B update payload in $out/update (sign manifest.json with the fleet key to ship it)" >&2
 
 # ------------------------------------------------------------------------------------------------
 step "report"
 build_s=$(($(date +%s) - t0))
 "$py" "$here/report.py" build --image "$final" --compressed "$final.zst" --root "$work/root.img" \
   --build-s "$build_s" --version "$version" --results "$repo/results/image.json"
-rm -rf "$work"
+rm -rf --one-file-system "$work"

@@ -7,8 +7,6 @@ root="$1"; here="$2"; work="$3"; wheels="$4"
 say() { printf '    customize: %s\n' "$*" >&2; }
 in_root() { chroot "$root" env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 "$@"; }
 
-in_root dpkg -s busybox >/dev/null 2>&1 || in_root apt-get install -y -q --no-install-recommends busybox >/dev/null
-
 say "overlay files (units, initrd hooks, boot helper)"
 cp -a "$here/overlay/." "$root/"
 chmod 0755 "$root/etc/initramfs-tools/hooks/reidfleet" "$root/etc/initramfs-tools/scripts/local-bottom/reidfleet"
