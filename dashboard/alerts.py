@@ -24,7 +24,9 @@ class Alert:
     text: str
 
 
-def _age(seconds: float) -> str:
+def _age(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds:  # None or NaN: no time was ever recorded
+        return "never"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:
@@ -44,7 +46,9 @@ def compute_alerts(cameras: pd.DataFrame, fleet: pd.DataFrame | None, health: di
         for row in fleet.itertuples():
             if row.state == "offline":
                 out.append(Alert("appliance_offline", row.device_id,
-                                 f"Appliance {row.device_id} is offline (last heard {_age(row.last_seen_age_s)} ago)."))
+                                 f"Appliance {row.device_id} is offline ("
+                                 + ("never heard from" if _age(row.last_seen_age_s) == "never"
+                                    else f"last heard {_age(row.last_seen_age_s)} ago") + ")."))
             else:
                 online.add(row.device_id)
     for row in cameras.itertuples():

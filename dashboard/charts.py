@@ -17,8 +17,9 @@ WEEKDAYS = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 def footfall_heatmap(hourly: pd.DataFrame) -> alt.Chart:
     """Day × hour heatmap of visitors; ``hourly`` has columns day (date), hour (0-23), visitors."""
     df = hourly.copy()
+    days = sorted(pd.to_datetime(df["day"]).unique())
+    order = [pd.Timestamp(d).strftime("%a %d %b") for d in days]  # chronological, not alphabetical
     df["day"] = pd.to_datetime(df["day"]).dt.strftime("%a %d %b")
-    order = list(dict.fromkeys(df.sort_values(["day_sort"] if "day_sort" in df else ["day"])["day"]))
     return (
         alt.Chart(df, title="Visitors by day and hour")
         .mark_rect()
@@ -73,12 +74,17 @@ def transitions_sankey(transitions: pd.DataFrame) -> go.Figure:
     dst_labels = [f"→ {t}" for t in sorted(transitions["target"].unique())]
     labels = src_labels + dst_labels
     index = {lab: i for i, lab in enumerate(labels)}
+    palette = ["31,119,180", "255,127,14", "44,160,44", "214,39,40", "148,103,189", "140,86,75", "227,119,194"]
+    cameras = sorted(set(transitions["source"]) | set(transitions["target"]))
+    colour = {c: palette[i % len(palette)] for i, c in enumerate(cameras)}
+    node_colours = [f"rgb({colour[lab.removesuffix(' →').removeprefix('→ ')]})" for lab in labels]
     fig = go.Figure(go.Sankey(
-        node={"label": labels, "pad": 18, "thickness": 16},
+        node={"label": labels, "pad": 18, "thickness": 16, "color": node_colours},
         link={
             "source": [index[f"{s} →"] for s in transitions["source"]],
             "target": [index[f"→ {t}"] for t in transitions["target"]],
             "value": transitions["people"].astype(int).tolist(),
+            "color": [f"rgba({colour[s]},0.35)" for s in transitions["source"]],
         },
     ))
     fig.update_layout(title_text="Where people go next (camera to camera)", height=360,
@@ -99,19 +105,21 @@ def gender_bars(gender: pd.DataFrame) -> alt.Chart:
                                             range=["#d62728", "#1f77b4", "#999999"])),
             tooltip=["gender", "people"],
         )
-        .properties(height=120)
+        .properties(height=110)
     )
 
 
 def presence_bars(presence: pd.DataFrame) -> alt.Chart:
     """People present now per camera; ``presence`` has camera_id, people."""
+    top = max(1, int(presence["people"].max()) if len(presence) else 1)
     return (
         alt.Chart(presence, title="People in view now")
         .mark_bar()
         .encode(
-            x=alt.X("people:Q", title="people", axis=alt.Axis(tickMinStep=1)),
+            x=alt.X("people:Q", title="people", scale=alt.Scale(domain=[0, top]),
+                    axis=alt.Axis(tickMinStep=1, format="d")),
             y=alt.Y("camera_id:N", title=None),
             tooltip=["camera_id", "people"],
         )
-        .properties(height=max(80, 28 * len(presence)))
+        .properties(height=max(90, 34 * len(presence)))
     )

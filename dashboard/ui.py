@@ -177,3 +177,11 @@ def retention_worker(_cfg: DashboardConfig, key: str) -> Any:
     from dashboard.retention import RetentionWorker
 
     return RetentionWorker(_cfg).start()
+
+
+def altair(chart: Any) -> None:
+    """Place an Altair chart at its own height (Streamlit's "content" height squashes fixed-height charts)."""
+    plot_h = chart.to_dict().get("height")
+    extra = 110  # title, axis labels and legend around the plot area
+    height = int(plot_h) + extra if isinstance(plot_h, int | float) else "content"
+    st.altair_chart(chart, width="stretch", height=height)

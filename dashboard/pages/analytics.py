@@ -41,10 +41,10 @@ c2.metric("Visits", len(visits))
 c3.metric("Median visit", f"{visits['dwell_s'].median() / 60:.1f} min")
 c4.metric("Camera-to-camera moves", int(moves["moves"].sum()) if not moves.empty else 0)
 
-st.altair_chart(charts.footfall_heatmap(hourly), width="stretch")
+ui.altair(charts.footfall_heatmap(hourly))
 left, right = st.columns(2)
 with left:
-    st.altair_chart(charts.dwell_histogram(visits), width="stretch")
+    ui.altair(charts.dwell_histogram(visits))
 with right:
     if moves.empty:
         ui.empty_state("No moves between cameras in this period.",
@@ -57,7 +57,7 @@ if settings.show_gender:
         ui.empty_state("No gender estimates in this period.", "The server estimates gender once it has a crop "
                        "of a person; turn it on in the server config (gender.mode).")
     else:
-        st.altair_chart(charts.gender_bars(gender), width="stretch")
+        ui.altair(charts.gender_bars(gender))
         st.caption("Estimates from person crops (about 90 % right per person in our measurement); people the model "
                    "is unsure about are counted as unknown.")
 

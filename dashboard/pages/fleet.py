@@ -33,6 +33,11 @@ c2.metric("Online", online)
 c3.metric("Offline", offline)
 c4.metric("Unhealthy", unhealthy)
 
+def _fps(telemetry: dict) -> str:
+    fps = (telemetry.get("pipeline") or {}).get("fps")
+    return f"{fps:.1f}" if isinstance(fps, int | float) else "–"
+
+
 table = pd.DataFrame({
     "device": devices["device_id"],
     "group": devices["device_group"],
@@ -45,7 +50,7 @@ table = pd.DataFrame({
     "ago": [ui.fmt_age(a) if a is not None and not pd.isna(a) else "never" for a in devices["last_seen_age_s"]],
     "health": [h or "unknown" for h in devices["health"]],
     "detail": [d or r for d, r in zip(devices["health_detail"], devices["state_reason"], strict=True)],
-    "fps": [(t.get("pipeline") or {}).get("fps") for t in devices["telemetry"]],
+    "fps": [_fps(t) for t in devices["telemetry"]],
 })
 
 
@@ -63,8 +68,9 @@ if campaigns.empty:
                    "first, then growing waves, each only after the previous one is healthy.")
 else:
     for row in campaigns.itertuples():
-        label = (f"**{row.model}** · {row.state} · wave {int(row.current_wave) + 1} of {len(row.waves)} "
-                 f"· {int(row.done)}/{int(row.devices)} devices finished")
+        wave = (f"wave {int(row.current_wave) + 1} of {len(row.waves)}" if int(row.current_wave) >= 0
+                else f"{len(row.waves)} waves planned, first not sent yet")
+        label = f"**{row.model}** · {row.state} · {wave} · {int(row.done)}/{int(row.devices)} devices finished"
         st.markdown(label)
         st.progress(float(row.progress), text=f"{row.progress:.0%}")
         states = {s: int(getattr(row, s)) for s in ("pending", "sent", "succeeded", "failed", "rolled_back",

@@ -65,7 +65,7 @@ else:
 
 left, right = st.columns([2, 3])
 with left:
-    st.altair_chart(charts.presence_bars(presence), width="stretch")
+    ui.altair(charts.presence_bars(presence))
     st.dataframe(presence.rename(columns={"camera_id": "camera", "people": "people now"}), hide_index=True,
                  width="stretch")
 with right:
@@ -73,4 +73,4 @@ with right:
     if by_hour.empty:
         ui.empty_state("No visitors today or yesterday yet.", "Footfall per hour appears once people are seen.")
     else:
-        st.altair_chart(charts.today_vs_yesterday(by_hour), width="stretch")
+        ui.altair(charts.today_vs_yesterday(by_hour))
