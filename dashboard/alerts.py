@@ -75,3 +75,55 @@ def compute_alerts(cameras: pd.DataFrame, fleet: pd.DataFrame | None, health: di
                 out.append(Alert("consumer_lag", "server", f"Re-ID consumer {key} = {value:.0f} messages "
                                  f"(warning above {cfg.lag_warn_messages})."))
     return out
+
+
+LAG_METRIC = "reidfleet_server_consumer_lag_messages"
+
+
+def lag_from_metrics(text: str) -> float | None:
+    """Total consumer lag (messages, over partitions) from the server's Prometheus text, None if absent."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total, found = 0.0, False
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name == LAG_METRIC:
+                for sample in family.samples:
+                    total += sample.value
+                    found = True
+    except ValueError:
+        return None
+    return total if found else None
+
+
+def fetch_server_health(health_url: str, timeout_s: float = 2.0) -> dict[str, Any]:
+    """The server's /healthz JSON plus ``consumer_lag_messages`` from its /metrics (same port)."""
+    import json
+    import urllib.request
+    from urllib.parse import urlsplit, urlunsplit
+
+    try:
+        with urllib.request.urlopen(health_url, timeout=timeout_s) as resp:  # configured loopback/admin URL
+            health = json.loads(resp.read() or b"{}")
+    except OSError as exc:
+        # /healthz answers 503 with a JSON body when unhealthy; urllib raises, so read the body there.
+        body = getattr(exc, "read", None)
+        try:
+            health = json.loads(body()) if body else {"ok": False, "error": f"{health_url} unreachable ({exc})"}
+        except ValueError:
+            health = {"ok": False, "error": f"{health_url} unreachable ({exc})"}
+        return health if isinstance(health, dict) else {"ok": False, "error": str(health)}
+    except ValueError:
+        return {"ok": False, "error": f"{health_url} answered with something that is not JSON"}
+    if not isinstance(health, dict):
+        return {"ok": False, "error": f"{health_url} answered {health!r}"}
+    parts = urlsplit(health_url)
+    try:
+        with urllib.request.urlopen(urlunsplit((parts.scheme, parts.netloc, "/metrics", "", "")),
+                                    timeout=timeout_s) as resp:
+            lag = lag_from_metrics(resp.read().decode("utf-8", "replace"))
+        if lag is not None:
+            health["consumer_lag_messages"] = lag
+    except OSError:
+        pass  # health alone is still useful
+    return health

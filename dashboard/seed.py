@@ -1,6 +1,12 @@
-"""Fill an analytics store with a realistic shop week, through the server's own store API.
+"""Fill the server's stores for the dashboard: from a real pipeline run, or a realistic synthetic week.
 
-``python -m dashboard.seed --store sqlite:///./var/server/analytics.db --days 7`` writes what the
+``python -m dashboard.seed pipeline`` runs the real system on the shared videos: one appliance
+process per video (OpenVINO YOLO11n + ByteTrack, best-shot crops) sends to Kafka (an embedded tansu
+broker unless ``--kafka`` names one), and the real server consumer (``server.consume.ReidConsumer``:
+embedding, gender, identity matching) writes the analytics store and the Qdrant gallery. The
+dashboard then shows real tracks, identities and paths, and search-by-image finds real people.
+
+``python -m dashboard.seed synthetic --days 7`` writes what the
 server would have written for a small shop with three cameras (entrance, aisle, checkout): opening
 hours 09–20 with lunch and evening peaks, visitors who walk entrance → aisle → checkout with
 log-normal dwell times, some regulars who come back on other days, a gender estimate per identity,
@@ -16,8 +22,11 @@ import argparse
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import numpy as np
@@ -148,16 +157,104 @@ def seed_store(store_url: str, *, days: int = 7, now_us: int | None = None, tz: 
     return SeedSummary(n_ident, n_tracks, n_sight, n_visits, n_open)
 
 
+DEFAULT_VIDEOS = (("videos/PETS09-S2L1_frames0001-0300.mp4", "shop-01", "entrance"),
+                  ("videos/one-by-one-person-detection.mp4", "shop-02", "checkout"))
+
+
+def seed_from_pipeline(store_url: str, qdrant_path: str, *, videos: Sequence[tuple[str, str, str]] = DEFAULT_VIDEOS,
+                       kafka: str | None = None, assets: str | None = None, work_dir: str | Path | None = None,
+                       quiet_s: float = 8.0, timeout_s: float = 900.0) -> dict[str, Any]:
+    """Run appliances on ``videos`` ((path relative to the data folder or absolute, device id, camera id))
+    into the real server consumer; returns counts. The consumer stops once the appliances have exited
+    and it has processed nothing new for ``quiet_s``."""
+    import subprocess
+    import sys
+    import tempfile
+    import threading
+
+    from common.assets import data_path, require
+    from common.kafka import ensure_topics
+    from common.tansu import EmbeddedKafka
+    from server.config import ServerConfig
+    from server.consume import ReidConsumer
+
+    work = Path(work_dir or tempfile.mkdtemp(prefix="reidfleet-seed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    broker = None
+    if kafka is None:
+        broker = EmbeddedKafka(log_file=work / "tansu.log").start()
+        kafka = broker.bootstrap
+    try:
+        ensure_topics(kafka)
+        cfg = ServerConfig.model_validate({
+            "kafka": {"bootstrap": kafka, "group_id": f"dashboard-seed-{uuid.uuid4().hex[:6]}"},
+            "vectors": {"type": "qdrant_local", "path": qdrant_path},
+            "store": {"url": store_url}, "health": {"port": 0}, "assets": assets})
+        consumer = ReidConsumer(cfg)
+        thread = threading.Thread(target=consumer.run, name="seed-consumer", daemon=True)
+        thread.start()
+        procs = []
+        for rel, device, camera in videos:
+            path = Path(rel) if Path(rel).is_absolute() else data_path(*Path(rel).parts, assets=assets)
+            require(path, f"video for camera {camera}")
+            log_fh = (work / f"appliance-{camera}.log").open("wb")
+            cmd = [sys.executable, "-m", "appliance", "run", "--set", f"source.url={path}",
+                   "--set", f"device_id={device}", "--set", f"camera_id={camera}", "--set", f"kafka.bootstrap={kafka}",
+                   "--set", f"spool.dir={work / ('spool-' + camera)}", "--set", "http.port=0"]
+            if assets:
+                cmd += ["--set", f"detector.model_dir={Path(assets) / 'models' / 'yolo11n_int8_openvino_model'}"]
+            procs.append((camera, subprocess.Popen(cmd, stdout=log_fh, stderr=subprocess.STDOUT)))
+            log_fh.close()
+        deadline = time.monotonic() + timeout_s
+        for camera, proc in procs:
+            rc = proc.wait(max(1.0, deadline - time.monotonic()))
+            if rc != 0:
+                raise RuntimeError(f"appliance for {camera} exited with {rc}; see {work}/appliance-{camera}.log")
+        ok, dlq = consumer.metrics.messages.labels("ok"), consumer.metrics.messages.labels("dlq")
+        last, since = -1.0, time.monotonic()
+        while time.monotonic() < deadline:
+            done = ok._value.get() + dlq._value.get()
+            if done != last:
+                last, since = done, time.monotonic()
+            elif done > 0 and time.monotonic() - since > quiet_s:
+                break
+            time.sleep(0.5)
+        consumer.stop.set()
+        thread.join(60)
+        return {"frames": int(ok._value.get()), "dead_letters": int(dlq._value.get()),
+                "tracks": consumer.store.count("tracks") if hasattr(consumer.store, "count") else None,
+                "work_dir": str(work)}
+    finally:
+        if broker is not None:
+            broker.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dashboard.seed", description=__doc__.split("\n\n")[0])
     ap.add_argument("--store", default="sqlite:///./var/server/analytics.db", help="analytics store URL")
-    ap.add_argument("--days", type=int, default=7)
-    ap.add_argument("--timezone", default="UTC")
-    ap.add_argument("--seed", type=int, default=7)
-    ap.add_argument("--scale", type=float, default=1.0, help="multiply the visitor rate")
-    ap.add_argument("--now", type=float, default=None, help="end of the data, epoch seconds (default: now)")
+    sub = ap.add_subparsers(dest="mode", required=True)
+    pipe = sub.add_parser("pipeline", help="run appliances on the shared videos into the real server consumer")
+    pipe.add_argument("--qdrant", default="./var/server/qdrant", help="Qdrant local folder (the server's)")
+    pipe.add_argument("--kafka", default=None, help="bootstrap of a running broker (default: an embedded one)")
+    pipe.add_argument("--assets", default=None, help="shared assets folder (default ../shared/assets)")
+    pipe.add_argument("--video", action="append", default=[], metavar="PATH:DEVICE:CAMERA",
+                      help="a video and the camera it plays (repeatable; default: the two shared videos)")
+    syn = sub.add_parser("synthetic", help="a realistic shop week through the server's store API")
+    syn.add_argument("--days", type=int, default=7)
+    syn.add_argument("--timezone", default="UTC")
+    syn.add_argument("--seed", type=int, default=7)
+    syn.add_argument("--scale", type=float, default=1.0, help="multiply the visitor rate")
+    syn.add_argument("--now", type=float, default=None, help="end of the data, epoch seconds (default: now)")
     args = ap.parse_args(argv)
-    setup_logging("dashboard-seed", json_lines=False)
+    setup_logging("dashboard-seed", "WARNING", json_lines=False)
+    if args.mode == "pipeline":
+        videos = [tuple(v.rsplit(":", 2)) for v in args.video] or list(DEFAULT_VIDEOS)
+        if any(len(v) != 3 for v in videos):
+            ap.error("--video takes PATH:DEVICE:CAMERA")
+        result = seed_from_pipeline(args.store, args.qdrant, videos=videos, kafka=args.kafka,  # type: ignore[arg-type]
+                                    assets=args.assets)
+        print(f"seeded {args.store} and {args.qdrant} from a pipeline run: {result}")
+        return 0
     summary = seed_store(args.store, days=args.days, tz=args.timezone, seed=args.seed, scale=args.scale,
                          now_us=int(args.now * US) if args.now else None)
     print(f"seeded {args.store}: {summary}")

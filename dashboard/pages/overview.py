@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import json
-import urllib.request
-
 import streamlit as st
 
 from dashboard import charts, queries, ui
-from dashboard.alerts import compute_alerts
+from dashboard.alerts import compute_alerts, fetch_server_health
 
 cfg = ui.config()
 st.title("Overview")
@@ -20,7 +17,7 @@ cams = queries.cameras(engine)
 if cams.empty:
     ui.empty_state("No cameras yet.",
                    "The server has not received a frame from any appliance. Start an appliance "
-                   "(`python -m appliance run --source <video or rtsp url>`) pointed at the server's Kafka broker; "
+                   "(`python -m appliance run --set source.url=<video or rtsp url> --set kafka.bootstrap=<broker>`); "
                    "its camera appears here within seconds.")
     st.stop()
 
@@ -46,15 +43,7 @@ try:
 except queries.FleetUnavailable as exc:
     fleet = None
     st.caption(f"Appliance status not shown: {exc}")
-health = None
-if cfg.server_health_url:
-    try:
-        with urllib.request.urlopen(cfg.server_health_url, timeout=2) as resp:
-            health = json.loads(resp.read() or b"{}")
-    except OSError as exc:
-        health = {"ok": False, "error": f"{cfg.server_health_url} unreachable ({exc})"}
-    except ValueError:
-        health = {"ok": False, "error": f"{cfg.server_health_url} answered with something that is not JSON"}
+health = fetch_server_health(cfg.server_health_url) if cfg.server_health_url else None
 alerts = [a.text for a in compute_alerts(fresh["per_camera"], fleet, health, cfg.alerts)]
 if alerts:
     st.subheader(f"Alerts ({len(alerts)})")

@@ -101,3 +101,29 @@ def test_alert_rules() -> None:
     assert "online but the newest stored frame" in till.text and "10 min" in till.text
     down = compute_alerts(cams.iloc[:1], None, {"ok": False, "error": "kafka unreachable"}, AlertConfig())
     assert [a.text for a in down] == ["Re-ID server unhealthy: kafka unreachable."]
+
+
+def test_server_health_and_lag_from_a_real_health_server() -> None:
+    from prometheus_client import CollectorRegistry, Gauge
+
+    from common.metrics import HealthServer
+    from dashboard.alerts import fetch_server_health
+
+    registry = CollectorRegistry()
+    lag = Gauge("reidfleet_server_consumer_lag_messages", "lag", ["partition"], registry=registry)
+    lag.labels("0").set(4000)
+    lag.labels("1").set(2500)
+    state = {"ok": True}
+    with HealthServer(registry, lambda: dict(state)) as server:
+        url = f"http://127.0.0.1:{server.port}/healthz"
+        health = fetch_server_health(url)
+        assert health["ok"] is True and health["consumer_lag_messages"] == 6500
+        alerts = compute_alerts(pd.DataFrame(columns=["camera_id", "device_id", "age_s"]), None, health,
+                                AlertConfig(lag_warn_messages=5000))
+        assert [a.kind for a in alerts] == ["consumer_lag"] and "6500 messages" in alerts[0].text
+        state["ok"] = False
+        state["error"] = "consumer stalled"
+        sick = fetch_server_health(url)  # 503 with a JSON body
+        assert sick == {"ok": False, "error": "consumer stalled"}
+    gone = fetch_server_health(url)
+    assert gone["ok"] is False and "unreachable" in gone["error"]
