@@ -11,6 +11,9 @@ from dashboard.retention import enforce
 cfg = ui.config()
 ui.require_role("admin")
 st.title("Privacy & retention")
+flash = st.session_state.pop("settings_flash", None)
+if flash:
+    (st.error if flash[0] == "error" else st.success)(flash[1])
 current = ui.privacy()
 st.caption(f"Last changed by {current.changed_by or 'nobody (config defaults)'}"
            + (f" at {current.changed_at}" if current.changed_at else ""))
@@ -28,12 +31,14 @@ if saved:
     new = PrivacySettings(blur_people=blur, show_gender=gender, retention_days=int(days))
     save_settings(cfg.settings_path, new, st.session_state.get("user", "?"))
     run = enforce(cfg)
-    if run.error:
-        st.error(f"Saved, but retention could not run: {run.error}")
+    if run.error or run.report is None:
+        st.session_state["settings_flash"] = ("error", f"Saved, but retention could not run: {run.error}")
     else:
-        st.success(f"Saved. Retention ({run.retention_days} days) deleted {run.report.sightings} sightings, "
-                   f"{run.report.tracks} tracks, {run.report.transitions} moves and {run.report.identities} "
-                   f"identities; {run.vectors}.")
+        st.session_state["settings_flash"] = (
+            "success", f"Saved. Retention ({run.retention_days} days) deleted {run.report.sightings} sightings, "
+            f"{run.report.tracks} tracks, {run.report.transitions} moves and {run.report.identities} identities; "
+            f"{run.vectors}.")
+    st.rerun()  # redraw with the new settings (sidebar, toggles, "last changed by")
 
 worker = ui.retention_worker(cfg, cfg.model_dump_json())
 last = worker.last

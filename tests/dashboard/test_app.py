@@ -243,6 +243,7 @@ def test_settings_privacy_and_retention(monkeypatch: pytest.MonkeyPatch, tmp_pat
     saved = json.loads((tmp_path / "settings.json").read_text())
     assert saved["blur_people"] is False and saved["retention_days"] == 10 and saved["changed_by"] == "boss"
     assert any("deleted 1 sightings, 1 tracks, 0 moves and 1 identities" in s.value for s in at.success), _text(at)
+    assert "Last changed by boss" in _text(at) and at.toggle[0].value is False
     engine = queries.open_store(url)
     assert queries.tracks_between(engine, 0, NOW_US * 2)["person"].tolist() == [gid("new")]
     engine.dispose()
