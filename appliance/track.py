@@ -1,7 +1,9 @@
 """Multi-object tracking (ByteTrack) behind one small class; the only module that imports supervision.
 
-Two ByteTrack implementations can sit behind :class:`Tracker` (``TrackerConfig.backend``):
+Three ByteTrack implementations can sit behind :class:`Tracker` (``TrackerConfig.backend``):
 
+- ``reidfleet``: :mod:`appliance.bytetrack`, the original algorithm in numpy alone (no
+  supervision, scipy or lap on the appliance).
 - ``supervision``: ``sv.ByteTrack`` from supervision 0.30 (deprecated there, removed in 0.31), a
   faithful port of the original ByteTrack (score-fused first association, fixed 0.5 second stage).
 - ``trackers``: roboflow ``trackers``' ``ByteTrackTracker``, its successor. It pulls the
@@ -24,13 +26,15 @@ from pydantic import Field
 from appliance.types import UNTRACKED, Detections
 from common.configfile import StrictModel
 
-BACKENDS = ("supervision", "trackers")
+BACKENDS = ("reidfleet", "supervision", "trackers")
 
 
 class TrackerConfig(StrictModel):
     """ByteTrack settings, named for what they do; each backend maps them to its own knobs."""
 
-    backend: Literal["supervision", "trackers"] = Field("supervision", description="ByteTrack implementation.")
+    backend: Literal["reidfleet", "supervision", "trackers"] = Field(
+        "supervision", description="ByteTrack implementation (see docs/appliance-tracking.md)."
+    )
     activation_threshold: float = Field(
         0.5, gt=0.0, lt=1.0, description="Score that makes a box 'high' (first association, may start a track)."
     )
@@ -57,6 +61,16 @@ class Tracker:
 
     def _build(self) -> Any:
         cfg = self.cfg
+        if cfg.backend == "reidfleet":
+            from appliance.bytetrack import ByteTrack
+
+            return ByteTrack(
+                activation_threshold=cfg.activation_threshold,
+                lost_track_buffer=cfg.lost_track_buffer,
+                minimum_iou=cfg.minimum_iou,
+                frame_rate=self.frame_rate,
+                minimum_consecutive_frames=cfg.minimum_consecutive_frames,
+            )
         if cfg.backend == "supervision":
             import supervision as sv
 
@@ -90,6 +104,13 @@ class Tracker:
 
         Returns the same boxes in the same order with ``tracker_id`` set; fills ``ended_track_ids``.
         """
+        if self.cfg.backend == "reidfleet":
+            ids = self._impl.update(detections.xyxy, detections.confidence)
+            alive = self._impl.alive_ids
+            self.ended_track_ids = sorted(self._alive - alive)
+            self._alive = alive
+            return detections.with_tracker_id(ids)
+
         import supervision as sv
 
         n = len(detections)

@@ -24,6 +24,7 @@ def write_json(name: str, payload: dict[str, Any], results_dir: Path = RESULTS_D
             "cpu": _cpu_model(),
             "allowed_cpus": len(os.sched_getaffinity(0)),
             "python": platform.python_version(),
+            "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # shared machines: read timings with this
         },
         **payload,
     }

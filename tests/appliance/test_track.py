@@ -34,7 +34,7 @@ def snippet(assets: Path) -> Iterator[tuple[list[Detections], np.ndarray]]:
 
 
 def _backends() -> list[str]:
-    out = ["supervision"]
+    out = ["reidfleet", "supervision"]
     try:
         import trackers  # noqa: F401
 
@@ -104,9 +104,10 @@ def test_ended_tracks_are_reported_once(snippet: tuple[list[Detections], np.ndar
     assert tracker.active_track_ids == [] and tracker.ended_track_ids == []
 
 
-def test_reset_is_per_instance(snippet: tuple[list[Detections], np.ndarray]) -> None:
+@pytest.mark.parametrize("backend", _backends())
+def test_reset_is_per_instance(snippet: tuple[list[Detections], np.ndarray], backend: str) -> None:
     dets, _ = snippet
-    a, b = Tracker(TrackerConfig(), FPS), Tracker(TrackerConfig(), FPS)
+    a, b = Tracker(TrackerConfig(backend=backend), FPS), Tracker(TrackerConfig(backend=backend), FPS)
     first = [a.update(d).tracker_id.copy() for d in dets[:5]]
     for d in dets[:5]:
         b.update(d)
