@@ -46,7 +46,7 @@ def authenticator(key: str, _cfg: DashboardConfig) -> Authenticator:
     return Authenticator(_cfg.auth)
 
 
-@st.cache_resource(show_spinner=False, ttl=30)
+@st.cache_resource(show_spinner=False, ttl=300, on_release=lambda engine: engine.dispose())
 def _engine(url: str) -> Engine:
     return queries.open_store(url)
 
