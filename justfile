@@ -58,6 +58,10 @@ eval-track assets=assets *ARGS: bench-env
 bench-detector assets=assets *ARGS: bench-env
     .venv-bench/bin/python -m appliance.evaluate.detector_speed --assets {{assets}} {{ARGS}}
 
+# edge: full appliance loop vs bare detector vs Ultralytics track() on 1/2 pinned cores, 1080p; RSS, bytes/frame → results/bench-edge.{json,png}
+bench-edge assets=assets *ARGS: bench-env
+    python -m appliance.evaluate.edge_speed --assets {{assets}} {{ARGS}}
+
 # Re-ID Rank-1/mAP of every embedder + gender accuracy on the Market subset → results/eval-reid.{json,png}
 eval-reid assets=assets:
     python -m server.eval_reid {{assets}}
@@ -103,3 +107,7 @@ bench-server assets=assets *ARGS:
 # server: cross-camera id accuracy (pairwise precision/recall) on two MOT15 frame ranges through the whole server → results/eval-xcam.{json,png}
 eval-xcam seq_a="PETS09-S2L1:1-150" seq_b="PETS09-S2L1:151-300" assets=assets *ARGS:
     python -m benchmarks.eval_xcam {{seq_a}} {{seq_b}} --assets {{assets}} {{ARGS}}
+
+# fill the server's stores for the dashboard: `pipeline` (appliances on the shared videos -> server) or `synthetic`
+dashboard-seed mode="pipeline" *ARGS:
+    python -m dashboard.seed {{mode}} {{ARGS}}

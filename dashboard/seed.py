@@ -231,15 +231,17 @@ def seed_from_pipeline(store_url: str, qdrant_path: str, *, videos: Sequence[tup
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dashboard.seed", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--store", default="sqlite:///./var/server/analytics.db", help="analytics store URL")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--store", default="sqlite:///./var/server/analytics.db", help="analytics store URL")
     sub = ap.add_subparsers(dest="mode", required=True)
-    pipe = sub.add_parser("pipeline", help="run appliances on the shared videos into the real server consumer")
+    pipe = sub.add_parser("pipeline", parents=[common],
+                          help="run appliances on the shared videos into the real server consumer")
     pipe.add_argument("--qdrant", default="./var/server/qdrant", help="Qdrant local folder (the server's)")
     pipe.add_argument("--kafka", default=None, help="bootstrap of a running broker (default: an embedded one)")
     pipe.add_argument("--assets", default=None, help="shared assets folder (default ../shared/assets)")
     pipe.add_argument("--video", action="append", default=[], metavar="PATH:DEVICE:CAMERA",
                       help="a video and the camera it plays (repeatable; default: the two shared videos)")
-    syn = sub.add_parser("synthetic", help="a realistic shop week through the server's store API")
+    syn = sub.add_parser("synthetic", parents=[common], help="a realistic shop week through the server's store API")
     syn.add_argument("--days", type=int, default=7)
     syn.add_argument("--timezone", default="UTC")
     syn.add_argument("--seed", type=int, default=7)
