@@ -163,7 +163,7 @@ def mean_over(per_seq: dict[str, dict[str, float]], key: str) -> float:
     return float(statistics.fmean(v[key] for v in per_seq.values()))
 
 
-def tune(seqs: list[Sequence], model_dir: Path, det_iou: float | None) -> None:
+def tune(seqs: list[Sequence], model_dir: Path, det_iou: float | None, backends: tuple[str, ...]) -> None:
     """Small, principled grid, one setting for all sequences: prints mean HOTA/IDF1/MOTA per setting."""
     dets = {s.name: detect_sequence(s, model_dir, det_iou) for s in seqs}
     grid = {
@@ -173,7 +173,7 @@ def tune(seqs: list[Sequence], model_dir: Path, det_iou: float | None) -> None:
         "minimum_consecutive_frames": (1, 2),
     }
     rows = []
-    for backend in BACKENDS:
+    for backend in backends:
         for values in itertools.product(*grid.values()):
             cfg = TrackerConfig(backend=backend, **dict(zip(grid, values, strict=True)))
             per = {
@@ -186,7 +186,7 @@ def tune(seqs: list[Sequence], model_dir: Path, det_iou: float | None) -> None:
     for r in rows:
         per = " ".join(f"{k}:{v['hota']:.1f}/{v['idf1']:.1f}" for k, v in r[5].items())
         print(f"{r[0]:.2f} {r[1]:.2f} {r[2]:.2f} {r[3]} {r[4]} {per}")
-    for backend in BACKENDS:
+    for backend in backends:
         d = TrackerConfig(backend=backend)
         key = (d.activation_threshold, d.minimum_iou, d.lost_track_buffer, d.minimum_consecutive_frames)
         hit = [r for r in rows if r[3] == backend and r[4] == key]
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--tune", action="store_true", help="sweep Tracker settings instead of the comparison")
     ap.add_argument("--det-iou", type=float, default=None, help="detector NMS IoU for --tune (default: config)")
+    ap.add_argument("--backends", default=",".join(BACKENDS), help="tracker backends for --tune, comma-separated")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = require(model_path(DEFAULT_MODEL_DIR, assets=args.assets), "detector IR")
     seqs = [load_sequence(root, n) for n in SEQUENCES]
     if args.tune:
-        tune(seqs, model_dir, args.det_iou)
+        tune(seqs, model_dir, args.det_iou, tuple(b for b in args.backends.split(",") if b))
         return 0
 
     t_start = time.perf_counter()

@@ -151,8 +151,11 @@ def test_unknown_backend_lists_known_names() -> None:
 
 def test_runtime_plan_follows_cpu_count() -> None:
     cfg = DetectorConfig()
-    one, two = plan_runtime(cfg, cpus=1), plan_runtime(cfg, cpus=2)
-    assert one.threads == 1 and two.threads == 2
-    assert one.inflight >= 1 and two.inflight >= 1
+    one, two, many = plan_runtime(cfg, cpus=1), plan_runtime(cfg, cpus=2), plan_runtime(cfg, cpus=16)
+    assert (one.hint, one.threads, one.streams, one.inflight) == ("LATENCY", 1, 1, 2)
+    assert (two.hint, two.threads, two.streams, two.inflight) == ("THROUGHPUT", 2, 2, 3)
+    assert (many.threads, many.streams) == (16, 4)
+    latency = plan_runtime(DetectorConfig(performance_hint="LATENCY"), cpus=2)
+    assert (latency.streams, latency.inflight) == (1, 2)
     pinned = plan_runtime(DetectorConfig(threads=3, streams=2, inflight_requests=4, performance_hint="THROUGHPUT"), 8)
     assert (pinned.hint, pinned.threads, pinned.streams, pinned.inflight) == ("THROUGHPUT", 3, 2, 4)
