@@ -121,6 +121,8 @@ class Pipeline:
         self.frame_jpeg_bytes = 0
         self._source_gen = 0
         self._track_base = 0
+        self.first_frame_at: float | None = None  # time.perf_counter() when the first/last frame was handed over
+        self.last_frame_at: float | None = None
         self._carry_ended: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -243,8 +245,10 @@ class Pipeline:
         self.bytes_produced += len(enc.value)
         self.crop_bytes += enc.crop_bytes
         self.frame_jpeg_bytes += enc.frame_jpeg_bytes
-        now = time.monotonic()
-        self._frame_times.append(now)
+        self.last_frame_at = t4
+        if self.first_frame_at is None:
+            self.first_frame_at = t4
+        self._frame_times.append(time.monotonic())
         m.fps.set(self.fps)
         m.source_up.set(1 if self.source.state == "ok" else 0)
         m.reconnects.set(self.source.reconnects)

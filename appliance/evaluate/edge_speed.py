@@ -1,0 +1,302 @@
+"""bench-edge: the whole appliance loop beside the bare detector and Ultralytics' ``track()``.
+
+What is compared, on the same IR (YOLO11n INT8), the same 1080p clip and the same pinned cores:
+- ``detector``: ``OpenVinoDetector.stream`` over frames already decoded in memory (the ceiling);
+- ``loop``: our full loop, 1080p decode -> detect -> ByteTrack -> best-shot -> JPEG/Avro -> produce
+  to a local tansu broker (``common.tansu.EmbeddedKafka``), exactly as ``python -m appliance run``;
+- ``ultralytics``: ``YOLO(ir_dir).track(video, tracker="bytetrack.yaml")`` from ``.venv-bench``,
+  the tool a user would pick instead (it decodes, detects and tracks, and sends nothing).
+
+Every measurement is its own child process under ``taskset -c`` (OpenVINO sizes its threads from
+the affinity mask at start-up). Rounds interleave the systems (D L U D L U ...) for 1 and 2 cores,
+so background load on a shared machine hits all of them alike; we report medians of per-round
+ratios. FPS is ``(N - 1) / (t_last - t_first)`` over per-frame completion times for all three (no
+start-up or warm-up in it). Bytes per frame come from the loop in track-aware mode and in
+full-frame mode (a 1080p JPEG per frame, the thesis' behaviour).
+
+Usage: python -m appliance.evaluate.edge_speed [--assets DIR] [--frames 120] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import logging
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from appliance.evaluate.report import RESULTS_DIR, result_line, write_json
+from common.assets import REPO_ROOT, data_path, model_path, require
+
+NAME = "bench-edge"
+CORE_SETS = {"1c": "0", "2c": "0,1"}
+SEQ = ("mot15", "train", "PETS09-S2L1", "img1")
+CACHE = REPO_ROOT / ".cache" / "bench-edge"
+IR = "yolo11n_int8_openvino_model"
+CHILD_TIMEOUT_S = 600
+
+
+def make_clips(frames_dir: Path, n: int) -> dict[str, Path]:
+    """H.264 clips of the first ``n`` PETS frames: 1920x1080 (upscaled, padded to 16:9 like a camera)
+    and native 768x576; cached under .cache/bench-edge (gitignored)."""
+    if shutil.which("ffmpeg") is None:
+        raise SystemExit("ffmpeg not found: install it (apt-packages.txt; ./just installs it)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, vf in (
+        ("1080p", "scale=1440:1080,pad=1920:1080:240:0"),
+        ("576p", "null"),
+    ):
+        path = CACHE / f"pets_{name}_{n}f.mp4"
+        if not path.is_file():
+            tmp = path.with_suffix(".tmp.mp4")
+            cmd = [
+                "ffmpeg", "-y", "-loglevel", "error", "-framerate", "7", "-start_number", "1",
+                "-i", str(frames_dir / "%06d.jpg"), "-frames:v", str(n), "-vf", vf,
+                "-c:v", "libx264", "-preset", "medium", "-crf", "23", "-pix_fmt", "yuv420p", str(tmp),
+            ]
+            subprocess.run(cmd, check=True)
+            tmp.replace(path)
+        out[name] = path
+    return out
+
+
+def _fps(times: list[float]) -> float:
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# -- children (one measurement each, pinned by the parent) --------------------------------------
+def child_detector(args: argparse.Namespace) -> dict[str, Any]:
+    import cv2
+
+    from appliance.detect.base import DetectorConfig
+    from appliance.detect.openvino import OpenVinoDetector
+    from appliance.types import Frame
+
+    cap = cv2.VideoCapture(args.video)
+    frames = []
+    while True:
+        ok, img = cap.read()
+        if not ok:
+            break
+        frames.append(Frame("bench", len(frames), 0, img))
+    cap.release()
+    det = OpenVinoDetector(DetectorConfig(model_dir=Path(args.model_dir)))
+    for _ in det.stream(frames[:4]):  # warm-up
+        pass
+    times = []
+    for _ in det.stream(frames):
+        times.append(time.perf_counter())
+    det.close()
+    return {"fps": _fps(times), "frames": len(times), "rss_mb": _rss_mb()}
+
+
+def child_loop(args: argparse.Namespace) -> dict[str, Any]:
+    from appliance.config import load
+    from appliance.pipeline import Pipeline
+
+    with tempfile.TemporaryDirectory() as spool:
+        cfg = load(None, [
+            f"source.url={args.video}", f"detector.model_dir={args.model_dir}", f"kafka.bootstrap={args.bootstrap}",
+            f"kafka.topic={args.topic}", f"spool.dir={spool}", "http.port=0", "device_id=bench-edge",
+            f"sending.mode={args.mode}",
+        ])
+        pipe = Pipeline(cfg, serve_http=False)
+        pipe.start()
+        try:
+            pipe.run()
+            idle = pipe.publisher.wait_idle(120)
+            tele = pipe.telemetry()
+        finally:
+            pipe.close()
+    n = pipe.frames_processed
+    assert pipe.first_frame_at is not None and pipe.last_frame_at is not None
+    return {
+        "fps": (n - 1) / (pipe.last_frame_at - pipe.first_frame_at),
+        "frames": n,
+        "rss_mb": _rss_mb(),
+        "bytes_per_frame": pipe.bytes_produced / max(n, 1),
+        "crop_bytes_per_frame": pipe.crop_bytes / max(n, 1),
+        "frame_jpeg_bytes_per_frame": pipe.frame_jpeg_bytes / max(n, 1),
+        "delivered": tele["kafka"]["sent_messages"],
+        "all_delivered": idle,
+        "latency_ms": tele["latency_ms"],
+    }
+
+
+def child_ultralytics(args: argparse.Namespace) -> dict[str, Any]:
+    from ultralytics import YOLO
+
+    model = YOLO(args.model_dir, task="detect")
+    times = []
+    for _ in model.track(source=args.video, stream=True, persist=True, tracker="bytetrack.yaml", classes=[0],
+                         imgsz=640, verbose=False):
+        times.append(time.perf_counter())
+    return {"fps": _fps(times), "frames": len(times), "rss_mb": _rss_mb()}
+
+
+CHILDREN = {"detector": child_detector, "loop": child_loop, "ultralytics": child_ultralytics}
+
+
+def _python_for(system: str) -> str:
+    """The appliance's own venv for our code (what ships); .venv-bench for Ultralytics."""
+    if system == "ultralytics":
+        bench = REPO_ROOT / ".venv-bench" / "bin" / "python"
+        return str(bench) if bench.exists() else sys.executable
+    own = REPO_ROOT / ".venv" / "bin" / "python"
+    return str(own) if own.exists() else sys.executable
+
+
+def run_child(system: str, cores: str, video: Path, model_dir: Path, **extra: str) -> dict[str, Any]:
+    cmd = ["taskset", "-c", cores, _python_for(system), "-m", "appliance.evaluate.edge_speed", "--child", system,
+           "--video", str(video), "--model-dir", str(model_dir)]
+    for k, v in extra.items():
+        cmd += [f"--{k.replace('_', '-')}", v]
+    env = {**os.environ, "REIDFLEET_LOG_LEVEL": "WARNING"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, cwd=REPO_ROOT)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{system} on cores {cores} failed with exit code {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def chart(path: Path, fps: dict[str, dict[str, float]], bytes_track: float, bytes_full: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4), dpi=120, gridspec_kw={"width_ratios": [2.2, 1]})
+    labels = {"loop": "reidfleet full loop", "detector": "bare OpenVINO detector", "ultralytics": "Ultralytics track()"}
+    width = 0.8 / len(labels)
+    for i, (key, label) in enumerate(labels.items()):
+        xs = [g + (i - 1) * width for g in range(len(CORE_SETS))]
+        bars = ax1.bar(xs, [fps[c][key] for c in CORE_SETS], width, label=label)
+        ax1.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax1.set_xticks(range(len(CORE_SETS)), [f"{c[0]} core{'s' if c[0] != '1' else ''}" for c in CORE_SETS])
+    ax1.set_ylabel("frames / s (median of rounds)")
+    ax1.set_title("1080p clip, YOLO11n INT8 IR, pinned cores")
+    ax1.legend(fontsize=8, loc="upper left")
+    ax1.margins(y=0.2)
+    bars = ax2.bar(["track-aware\n(ours)", "full-frame JPEG\n(thesis)"], [bytes_track / 1024, bytes_full / 1024],
+                   color=["tab:blue", "tab:gray"])
+    ax2.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("KiB per frame on the wire (log)")
+    ax2.set_title("bandwidth")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--assets", default=None, help="folder holding models/ and data/ (default: shared assets)")
+    ap.add_argument("--frames", type=int, default=120, help="frames of PETS09-S2L1 in the clip (max 300)")
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds per core set")
+    ap.add_argument("--results", type=Path, default=RESULTS_DIR)
+    ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    ap.add_argument("--video", help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--bootstrap", help=argparse.SUPPRESS)
+    ap.add_argument("--topic", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="track", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        logging.basicConfig(level=logging.WARNING)
+        faulthandler.dump_traceback_later(CHILD_TIMEOUT_S, exit=True)  # a hung child shows where, then exits
+        print(json.dumps(CHILDREN[args.child](args)))
+        return 0
+
+    from common.kafka import ensure_topics
+    from common.tansu import EmbeddedKafka
+    from schemas.topics import TopicSpec
+
+    frames_dir = require(data_path(*SEQ, assets=args.assets), "PETS09-S2L1 frames")
+    model_dir = require(model_path(IR, assets=args.assets), "detector IR")
+    clips = make_clips(frames_dir, min(args.frames, 300))
+    video = clips["1080p"]
+    topic = "bench_edge"
+    rounds: dict[str, list[dict[str, dict[str, Any]]]] = {c: [] for c in CORE_SETS}
+    t_start = time.perf_counter()
+    with EmbeddedKafka() as broker:
+        ensure_topics(broker.bootstrap, [TopicSpec(topic, 1, 1)])
+        for r in range(args.rounds):
+            for label, cores in CORE_SETS.items():
+                res = {}
+                for system in ("detector", "loop", "ultralytics"):
+                    extra = {"bootstrap": broker.bootstrap, "topic": topic} if system == "loop" else {}
+                    res[system] = run_child(system, cores, video, model_dir, **extra)
+                    print(f"round {r + 1} {label} {system}: {res[system]['fps']:.2f} FPS", file=sys.stderr)
+                rounds[label].append(res)
+        full = run_child("loop", CORE_SETS["2c"], video, model_dir, bootstrap=broker.bootstrap, topic=topic,
+                         mode="full")
+        native = run_child("loop", CORE_SETS["1c"], clips["576p"], model_dir, bootstrap=broker.bootstrap,
+                           topic=topic)
+
+    def med(label: str, system: str, key: str = "fps") -> float:
+        return statistics.median(r[system][key] for r in rounds[label])
+
+    def ratio(label: str, a: str, b: str) -> float:
+        return statistics.median(r[a]["fps"] / r[b]["fps"] for r in rounds[label])
+
+    fps = {c: {s: med(c, s) for s in ("loop", "detector", "ultralytics")} for c in CORE_SETS}
+    bytes_track = statistics.median(r["loop"]["bytes_per_frame"] for c in CORE_SETS for r in rounds[c])
+    bytes_full = full["bytes_per_frame"]
+    rss = max(r["loop"]["rss_mb"] for c in CORE_SETS for r in rounds[c])
+    metrics = {
+        "loop_fps_1c": fps["1c"]["loop"],
+        "detector_fps_1c": fps["1c"]["detector"],
+        "ultralytics_fps_1c": fps["1c"]["ultralytics"],
+        "loop_vs_detector_1c": ratio("1c", "loop", "detector"),
+        "loop_vs_ultralytics_1c": ratio("1c", "loop", "ultralytics"),
+        "loop_fps_2c": fps["2c"]["loop"],
+        "loop_vs_detector_2c": ratio("2c", "loop", "detector"),
+        "loop_vs_ultralytics_2c": ratio("2c", "loop", "ultralytics"),
+        "rss_mb": rss,
+        "bytes_per_frame_track": bytes_track,
+        "bytes_per_frame_full": bytes_full,
+        "bandwidth_reduction": bytes_full / max(bytes_track, 1.0),
+        "loop_fps_576p_1c": native["fps"],
+    }
+    targets = {
+        "loop_vs_detector_1c >= 0.95": metrics["loop_vs_detector_1c"] >= 0.95,
+        "loop_vs_ultralytics_1c >= 1.15": metrics["loop_vs_ultralytics_1c"] >= 1.15,
+        "loop_vs_ultralytics_2c >= 1.5": metrics["loop_vs_ultralytics_2c"] >= 1.5,
+        "rss_mb <= 512": rss <= 512,
+        "bytes_per_frame_track <= bytes_per_frame_full / 10": bytes_track * 10 <= bytes_full,
+    }
+    write_json(NAME, {
+        "metrics": metrics,
+        "targets_met": targets,
+        "clip": {"path": str(video.relative_to(REPO_ROOT)), "frames": min(args.frames, 300), "size": "1920x1080",
+                 "source": "MOT15 PETS09-S2L1 frames, scaled to 1440x1080 and padded to 1920x1080, H.264 crf 23"},
+        "rounds": rounds,
+        "full_frame_run": full,
+        "native_576p_run": native,
+        "load_average": os.getloadavg(),
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }, args.results)
+    chart(args.results / f"{NAME}.png", fps, bytes_track, bytes_full)
+    keys = ["loop_fps_1c", "detector_fps_1c", "ultralytics_fps_1c", "loop_vs_detector_1c", "loop_vs_ultralytics_1c",
+            "loop_vs_ultralytics_2c", "rss_mb", "bytes_per_frame_track", "bytes_per_frame_full"]
+    print(result_line(NAME, {k: metrics[k] for k in keys}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
