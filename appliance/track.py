@@ -33,7 +33,7 @@ class TrackerConfig(StrictModel):
     """ByteTrack settings, named for what they do; each backend maps them to its own knobs."""
 
     backend: Literal["reidfleet", "supervision", "trackers"] = Field(
-        "supervision", description="ByteTrack implementation (see docs/appliance-tracking.md)."
+        "reidfleet", description="ByteTrack implementation (see docs/appliance-tracking.md)."
     )
     activation_threshold: float = Field(
         0.5, gt=0.0, lt=1.0, description="Score that makes a box 'high' (first association, may start a track)."
