@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -78,7 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(dump_yaml(cfg))
         env[CONFIG_ENV] = str(out.resolve())
     print(f"dashboard on http://{args.address}:{args.port}/", flush=True)
-    return subprocess.call(streamlit_command(args.port, args.address), env=env)
+    cmd = streamlit_command(args.port, args.address)
+    # exec, not a child process: SIGTERM from systemd, a supervisor or a test then reaches Streamlit itself
+    # instead of leaving it running behind a dead wrapper.
+    os.execve(cmd[0], cmd, env)
+    return 0  # unreachable
 
 
 if __name__ == "__main__":

@@ -24,9 +24,11 @@ def footfall_heatmap(hourly: pd.DataFrame) -> alt.Chart:
         alt.Chart(df, title="Visitors by day and hour")
         .mark_rect()
         .encode(
-            x=alt.X("hour:O", title="hour of day", sort=list(range(24))),
+            x=alt.X("hour:O", title="hour of day", scale=alt.Scale(domain=list(range(24))),
+                    axis=alt.Axis(labelAngle=0)),  # the whole day, so opening hours and gaps show
             y=alt.Y("day:O", title=None, sort=order),
-            color=alt.Color("visitors:Q", title="visitors", scale=alt.Scale(scheme="blues")),
+            color=alt.Color("visitors:Q", title="visitors", scale=alt.Scale(scheme="blues"),
+                            legend=alt.Legend(format="d", tickMinStep=1)),
             tooltip=[alt.Tooltip("day:O"), alt.Tooltip("hour:O"), alt.Tooltip("visitors:Q")],
         )
         .properties(height=max(120, 22 * len(order)))
@@ -39,11 +41,11 @@ def today_vs_yesterday(by_hour: pd.DataFrame) -> alt.Chart:
         alt.Chart(by_hour, title="Visitors per hour: today vs yesterday")
         .mark_bar()
         .encode(
-            x=alt.X("hour:O", title="hour of day"),
+            x=alt.X("hour:O", title="hour of day", axis=alt.Axis(labelAngle=0)),
             xOffset=alt.XOffset("day_label:N", sort=["yesterday", "today"]),
-            y=alt.Y("visitors:Q", title="visitors"),
-            color=alt.Color("day_label:N", title=None, sort=["yesterday", "today"],
-                            scale=alt.Scale(range=["#b0b7c3", "#1f77b4"])),
+            y=alt.Y("visitors:Q", title="visitors", axis=alt.Axis(tickMinStep=1, format="d")),
+            color=alt.Color("day_label:N", title=None,
+                            scale=alt.Scale(domain=["yesterday", "today"], range=["#b0b7c3", "#1f77b4"])),
             tooltip=["day_label", "hour", "visitors"],
         )
         .properties(height=220)
@@ -58,7 +60,7 @@ def dwell_histogram(dwell: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             x=alt.X("dwell_min:Q", bin=alt.Bin(maxbins=30), title="minutes in the shop"),
-            y=alt.Y("count():Q", title="visits"),
+            y=alt.Y("count():Q", title="visits", axis=alt.Axis(tickMinStep=1, format="d")),
             tooltip=[alt.Tooltip("count():Q", title="visits")],
         )
         .properties(height=220)
@@ -99,7 +101,7 @@ def gender_bars(gender: pd.DataFrame) -> alt.Chart:
         .mark_bar()
         .encode(
             y=alt.Y("gender:N", title=None, sort=["female", "male", "unknown"]),
-            x=alt.X("people:Q", title="visitors"),
+            x=alt.X("people:Q", title="visitors", axis=alt.Axis(tickMinStep=1, format="d")),
             color=alt.Color("gender:N", legend=None,
                             scale=alt.Scale(domain=["female", "male", "unknown"],
                                             range=["#d62728", "#1f77b4", "#999999"])),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -175,11 +176,12 @@ def running_dashboard(tmp_path: Path, kafka_bootstrap: str, unique_topic_prefix:
         yield base
     finally:
         stop.set()
-        proc.terminate()
+        os.killpg(proc.pid, signal.SIGTERM)  # its own session: Streamlit and anything it started
         try:
             proc.wait(10)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
         log.close()
         streamer.join(10)
         keeper.join(10)
@@ -204,7 +206,7 @@ def test_every_page_in_chromium(running_dashboard: str, tmp_path: Path) -> None:
             page.get_by_role("textbox", name="User name").fill("boss")
             page.get_by_role("textbox", name="Password").fill("wrong")
             page.get_by_role("button", name="Sign in").click()
-            expect(page.get_by_text("Wrong user name or password.")).to_be_visible()
+            expect(page.get_by_text("Wrong user name or password.")).to_be_visible(timeout=90_000)
             page.screenshot(path=str(SHOTS / "00-login.png"))
             page.get_by_role("textbox", name="Password").fill("admin-secret")
             page.get_by_role("button", name="Sign in").click()
@@ -213,7 +215,7 @@ def test_every_page_in_chromium(running_dashboard: str, tmp_path: Path) -> None:
                 if link:
                     page.get_by_test_id("stSidebarNav").get_by_text(link, exact=True).click()
                 for text in must_see:
-                    expect(page.get_by_text(text, exact=False).first).to_be_visible()
+                    expect(page.get_by_text(text, exact=False).first).to_be_visible(timeout=90_000)
                 if ready_css:
                     page.locator(ready_css).first.wait_for(state="visible")
                 page.wait_for_timeout(1500)  # let charts finish their first draw
