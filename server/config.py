@@ -110,8 +110,11 @@ class QdrantLocalSettings(StrictModel):
     path: str = Field("./var/server/qdrant", description="Qdrant local-mode folder (one process per folder).")
     collection: str | None = Field(None, description="None = reid_<embedder model id>: vectors of different "
                                    "models are not comparable, so each model gets its own gallery.")
-    cache: bool = Field(True, description="Serve searches from an exact in-memory numpy copy, write through "
-                        "to Qdrant (local mode is slow past ~20k points). Single consumer process only.")
+    cache: bool = Field(True, description="Serve searches from an exact in-memory copy loaded from the analytics "
+                        "store; Qdrant becomes an asynchronous mirror (local mode is slow past ~20k points and "
+                        "writes ~8 ms a point). Single consumer process only.")
+    mirror_max_pending: int = Field(50_000, ge=1, description="Prototype changes the Qdrant mirror may lag "
+                                    "behind before the consumer waits for it (memory bound, ~1-2 KB a point).")
 
 
 class QdrantServerSettings(StrictModel):
@@ -119,12 +122,15 @@ class QdrantServerSettings(StrictModel):
     url: str = Field("http://127.0.0.1:6333", description="Qdrant server URL.")
     api_key_env: str | None = Field(None, description="Name of the env variable holding the API key.")
     collection: str | None = Field(None, description="None = reid_<embedder model id>.")
-    cache: bool = Field(False, description="In-memory copy in front; only safe with a single consumer.")
+    cache: bool = Field(False, description="In-memory copy in front, Qdrant an asynchronous mirror; only safe "
+                        "with a single consumer.")
+    mirror_max_pending: int = Field(50_000, ge=1, description="See qdrant_local.mirror_max_pending.")
     timeout_s: float = Field(10.0, gt=0)
 
 
 class MemorySettings(StrictModel):
-    """Numpy only, nothing persisted: for tests and benchmarks."""
+    """No Qdrant: exact in-memory search over the prototypes kept in the analytics store (loaded at start).
+    The fastest option for one consumer; the dashboard's search-by-image needs a Qdrant backend."""
 
     type: Literal["memory"] = "memory"
 

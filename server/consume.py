@@ -32,9 +32,9 @@ from schemas.codec import AvroCodec, CodecError
 from server import results
 from server.config import ServerConfig
 from server.identity import IdentityMatcher
-from server.store import AnalyticsStore, BatchWrite
+from server.store import AnalyticsStore, BatchWrite, prototype_row
 from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops
-from server.vectors import build_vectors
+from server.vectors import Prototype, build_vectors
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class Metrics:
         self.crops_per_s = Gauge(p + "crops_per_second", "Crops embedded per second over the last ~10 s",
                                  registry=registry)
         self.identities = Gauge(p + "gallery_identities", "Identities in the matching gallery", registry=registry)
+        self.mirror_lag = Gauge(p + "vector_mirror_pending_points", "Prototype changes committed to SQL but not "
+                                "yet written to the Qdrant mirror", registry=registry)
         self.assignments = Counter(p + "track_assignments_total", "Track to identity decisions", ["kind"],
                                    registry=registry)
 
@@ -88,8 +90,12 @@ class ReidConsumer:
         self.embedder = embedder or build_embedder(cfg.embedder, assets=cfg.assets)
         self.gender = gender if gender is not None or cfg.gender.mode == "off" else \
             build_gender(cfg.gender.model, assets=cfg.assets)
-        self.vectors = build_vectors(cfg.vectors, self.embedder.dim, self.embedder.model_id)
         self.store = AnalyticsStore(cfg.store.url)
+        # The analytics store holds the durable copy of the gallery; the vector store loads from it.
+        self.vectors = build_vectors(cfg.vectors, self.embedder.dim, self.embedder.model_id,
+                                     source=(Prototype(pid, gid, vec, payload) for pid, gid, vec, payload, _rev
+                                             in self.store.load_prototypes(self.embedder.model_id)))
+        self._import_legacy_prototypes()
         self.matcher = IdentityMatcher(cfg.identity, cfg.gender, self.vectors, self.store, self.embedder.model_id)
         self.bucket_us = cfg.store.sighting_bucket_s * 1_000_000
         self.instance = f"{cfg.kafka.group_id}/{socket.gethostname()}/{os.getpid()}"
@@ -116,6 +122,19 @@ class ReidConsumer:
         self._rate: list[tuple[float, int]] = []
         self._lag_at = 0.0
         self.metrics.identities.set(self.matcher.gallery_size())
+
+    def _import_legacy_prototypes(self) -> None:
+        """A gallery that only Qdrant held (written before SQL kept the prototypes) is copied into SQL once."""
+        imported = getattr(self.vectors, "imported", None)
+        if not imported:
+            return
+        batch = BatchWrite()
+        for p in imported:
+            batch.prototypes[p.point_id] = prototype_row(p.point_id, p.global_id, self.embedder.model_id, p.vector,
+                                                         p.payload, int(p.payload.get("rev", 0)))
+        self.store.write(batch)
+        log.info("imported the Qdrant gallery into the analytics store", extra={"points": len(imported)})
+        imported.clear()
 
     # --- lifecycle -------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -236,6 +255,8 @@ class ReidConsumer:
         t3 = time.perf_counter()
         m.stage.labels("gender").observe(t3 - t2)
 
+        self.matcher.prefetch({(it.record["device_id"], it.record["camera_id"], int(tid))  # type: ignore[index]
+                               for it in ok for tid in _track_ids(it.record)})
         per_item: dict[int, list[tuple[DecodedCrop, np.ndarray, float | None]]] = {}
         for j, (i, c) in enumerate(todo):
             per_item.setdefault(i, []).append((c, embs[j], None if males is None else float(males[j])))
@@ -253,8 +274,8 @@ class ReidConsumer:
             self.matcher.expire(latest_us, batch)
         t4 = time.perf_counter()
         m.stage.labels("match").observe(t4 - t3)
-        self.vectors.flush()
-        self.store.write(batch)
+        self.store.write(batch)  # analytics rows and the gallery's durable copy: one transaction
+        self.vectors.flush()  # then the Qdrant mirror (asynchronous behind the cache; it may lag, never lead)
         t5 = time.perf_counter()
         m.stage.labels("vectors_store").observe(t5 - t4)
 
@@ -275,6 +296,7 @@ class ReidConsumer:
         m.batch_crops.observe(len(todo))
         m.batch_messages.observe(len(items))
         m.identities.set(self.matcher.gallery_size())
+        m.mirror_lag.set(getattr(self.vectors, "mirror_lag", lambda: 0)())
         for kind in ("matched", "new", "merged"):
             m.assignments.labels(kind)  # make the series exist
         self._tick_rate(len(todo))
@@ -395,6 +417,15 @@ class ReidConsumer:
                     self.metrics.lag.labels(str(tp.partition)).set(max(0, hi - tp.offset))
         except KafkaException as exc:
             log.debug("lag refresh failed: %s", exc)
+
+
+def _track_ids(rec: dict[str, Any] | None) -> set[int]:
+    """Every local track id a frame mentions (boxes, crops, ended tracks)."""
+    assert rec is not None
+    ids = {d["track_id"] for d in rec["detections"] if d["track_id"] >= 0 and d["class_id"] == 0}
+    ids.update(c["track_id"] for c in rec["crops"])
+    ids.update(rec["ended_track_ids"])
+    return ids
 
 
 def run_forever(cfg: ServerConfig, stop: StopSignal, on_ready: Callable[[ReidConsumer], None] | None = None) -> None:

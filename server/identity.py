@@ -14,15 +14,17 @@ afresh. So replaying a batch neither creates a second identity nor moves a track
 from __future__ import annotations
 
 import logging
+import math
+import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from server.attributes import gender_agreement
 from server.config import GenderSettings, IdentitySettings
-from server.store import AnalyticsStore, BatchWrite
+from server.store import AnalyticsStore, BatchWrite, pick_track, prototype_row
 from server.vectors.base import Prototype, VectorStore
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,13 @@ def track_uid_for(device_id: str, camera_id: str, track_id: int, first_seen_us: 
 
 def identity_id_for(track_uid: str) -> str:
     return str(uuid.uuid5(_NS, f"identity\x1f{track_uid}"))
+
+
+def _agreement(p_query: float, p_gallery: float, eps: float = 1e-3) -> float:
+    """:func:`server.attributes.gender_agreement` for two scalars in plain floats (no numpy per candidate)."""
+    same = p_query * p_gallery + (1.0 - p_query) * (1.0 - p_gallery)
+    same = min(max(same, eps), 1.0 - eps)
+    return math.log(same / (1.0 - same))
 
 
 @dataclass
@@ -112,6 +121,7 @@ class IdentityMatcher:
         self._gap_us = int(cfg.track_resume_gap_s * 1e6)
         self._co_gap_us = int(cfg.co_visible_gap_s * 1e6)
         self._last_expiry_us = 0
+        self._stored: dict[tuple[str, str, int], list[dict[str, Any]]] = {}  # this batch's prefetched rows
         self.stats = {"matched": 0, "new": 0, "merged": 0, "resumed": 0, "expired": 0, "queries": 0}
         for row in store.live_identities():
             self.identities[row["global_id"]] = IdentityState(
@@ -124,6 +134,19 @@ class IdentityMatcher:
                 ident.prototypes[proto.point_id] = int(proto.payload.get("last_seen_us", ident.last_seen_us))
 
     # --- tracks ----------------------------------------------------------------------------
+    def prefetch(self, keys: Iterable[tuple[str, str, int]]) -> None:
+        """Fetch, in one query, the stored rows of every (device, camera, local id) of a batch that is not
+        in memory, so resolving them costs no per-track SELECT. The store does not change during a batch
+        (it is written once at its end), so these rows answer exactly what per-track queries would."""
+        unknown = {k for k in keys if k not in self.tracks}
+        self._stored = self.store.find_tracks(sorted(unknown)) if unknown else {}
+
+    def _find_stored(self, key: tuple[str, str, int], at_us: int) -> dict[str, Any] | None:
+        rows = self._stored.get(key)
+        if rows is not None:
+            return pick_track(rows, at_us, self._gap_us)
+        return self.store.find_track(key[0], key[1], key[2], at_us, self._gap_us)
+
     def track_for(self, device_id: str, camera_id: str, track_id: int, at_us: int, frame_index: int,
                   batch: BatchWrite) -> TrackState:
         """The track this detection belongs to: in memory, else resumed from the store, else new."""
@@ -133,7 +156,7 @@ class IdentityMatcher:
                               or (not t.ended and at_us - t.last_seen_us <= self._gap_us and at_us >= t.first_seen_us)):
             self._observe(t, at_us, frame_index, batch)
             return t
-        row = self.store.find_track(device_id, camera_id, track_id, at_us, self._gap_us)
+        row = self._find_stored(key, at_us)
         if row is not None:
             t = TrackState(row["track_uid"], device_id, camera_id, track_id, row["first_seen_us"],
                            row["last_seen_us"], row["first_frame_index"], row["last_frame_index"],
@@ -169,7 +192,7 @@ class IdentityMatcher:
     def end_track(self, device_id: str, camera_id: str, track_id: int, at_us: int, batch: BatchWrite) -> None:
         t = self.tracks.pop((device_id, camera_id, track_id), None)
         if t is None:
-            row = self.store.find_track(device_id, camera_id, track_id, at_us, self._gap_us)
+            row = self._find_stored((device_id, camera_id, track_id), at_us)
             if row is None:
                 return
             batch.tracks[row["track_uid"]] = {**row, "ended": True}
@@ -230,6 +253,7 @@ class IdentityMatcher:
         old = t.global_id
         old_ident = self.identities.pop(old, None)
         self.vectors.delete_identities([old])
+        self._drop_prototypes(old, batch)
         batch.merges[old] = best[0]
         batch.identities.pop(old, None)
         t.global_id = None
@@ -264,7 +288,7 @@ class IdentityMatcher:
                     if (p_track >= c and p_id <= 1 - c) or (p_track <= 1 - c and p_id >= c):
                         continue
                 else:
-                    score += self.gender.soft_weight * float(gender_agreement(p_track, np.array([p_id]))[0])
+                    score += self.gender.soft_weight * _agreement(p_track, p_id)
             if best is None or score > best[1]:
                 best = (n.global_id, score)
         return best
@@ -321,11 +345,25 @@ class IdentityMatcher:
             doomed.append(oldest)
         if doomed:
             self.vectors.delete_points(doomed)
-        self.vectors.upsert([Prototype(t.track_uid, t.global_id, fused, {
+            for pid in doomed:
+                batch.prototypes[pid] = None
+        payload = {
             "male_probability": ident.male_probability, "cameras": sorted({c[1] for c, _ in ident.active.values()}
                                                                            | {t.camera_id}),
             "first_seen_us": ident.first_seen_us, "last_seen_us": t.last_seen_us,
-            "sightings": ident.n_tracks, "similarity": t.similarity or 0.0, "device_id": t.device_id})])
+            "sightings": ident.n_tracks, "similarity": t.similarity or 0.0, "device_id": t.device_id,
+            "rev": time.time_ns() // 1000}
+        self.vectors.upsert([Prototype(t.track_uid, t.global_id, fused, payload)])
+        # The durable copy, in the batch's own transaction (the Qdrant mirror follows after the commit).
+        batch.prototypes[t.track_uid] = prototype_row(t.track_uid, t.global_id, self.embedder_id, fused, payload,
+                                                      payload["rev"])
+
+    def _drop_prototypes(self, gid: str, batch: BatchWrite) -> None:
+        """All prototypes of an identity leave the durable copy too, including any this batch wrote."""
+        batch.drop_identities.add(gid)
+        for pid, row in list(batch.prototypes.items()):
+            if row is not None and row["global_id"] == gid:
+                batch.prototypes[pid] = None
 
     # --- rows ------------------------------------------------------------------------------
     def _write_track(self, t: TrackState, batch: BatchWrite) -> None:
@@ -360,6 +398,7 @@ class IdentityMatcher:
             self.vectors.delete_identities(doomed)
             for gid in doomed:
                 del self.identities[gid]
+                self._drop_prototypes(gid, batch)
                 batch.expired[gid] = now_us
             self.stats["expired"] += len(doomed)
         stale = [k for k, t in self.tracks.items() if t.last_seen_us < now_us - self._gap_us]

@@ -10,12 +10,14 @@ the dashboard queries.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
@@ -88,6 +90,17 @@ transitions = sa.Table(
 )
 sa.Index("ix_transitions_time", transitions.c.entered_at_us)
 
+prototypes = sa.Table(
+    "prototypes", metadata,
+    sa.Column("point_id", sa.String(36), primary_key=True, comment="the track uid whose fused vector this is"),
+    sa.Column("global_id", sa.String(36), nullable=False),
+    sa.Column("embedder_id", sa.String(128), nullable=False, comment="vectors of different models never mix"),
+    sa.Column("vector", sa.LargeBinary, nullable=False, comment="float32 little-endian, unit length"),
+    sa.Column("payload", sa.Text, nullable=False, comment="JSON: the Qdrant payload"),
+    sa.Column("rev", sa.BigInteger, nullable=False, comment="write time (us); the Qdrant mirror carries it too"),
+)
+sa.Index("ix_prototypes_model_identity", prototypes.c.embedder_id, prototypes.c.global_id)
+
 cameras = sa.Table(
     "cameras", metadata,
     sa.Column("device_id", sa.String(128), primary_key=True),
@@ -111,6 +124,9 @@ class BatchWrite:
     assignments: dict[str, str] = field(default_factory=dict)  # track_uid -> global_id (new or changed)
     merges: dict[str, str] = field(default_factory=dict)  # provisional global_id -> surviving global_id
     expired: dict[str, int] = field(default_factory=dict)  # global_id -> expired_at_us
+    # point id -> prototype row (``prototype_row``) or None (delete): the durable copy of the gallery
+    prototypes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
+    drop_identities: set[str] = field(default_factory=set)  # delete every prototype of these identities
 
     def merge_row(self, table: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any]) -> None:
         """Fold a row into the batch with the same min/max rules the database applies."""
@@ -185,6 +201,8 @@ class AnalyticsStore:
 
     # --- writes ---------------------------------------------------------------------------
     def write(self, batch: BatchWrite) -> None:
+        """Apply one consumer batch in one transaction: multi-row upserts and executemany statements, a
+        fixed number of round trips per batch whatever its size (no per-track SELECT)."""
         with self.engine.begin() as conn:
             self._upsert(conn, cameras, list(batch.cameras.values()), ["device_id", "camera_id"], {
                 "frame_width": "new", "frame_height": "new", "first_frame_at_us": "min",
@@ -198,32 +216,52 @@ class AnalyticsStore:
                 "ended": "or"})
             self._upsert(conn, sightings, list(batch.sightings.values()), ["track_uid", "bucket_start_us"], {
                 "global_id": "coalesce", "first_seen_us": "min", "last_seen_us": "max"})
-            for track_uid, gid in batch.assignments.items():
-                conn.execute(sa.update(sightings).where(sightings.c.track_uid == track_uid).values(global_id=gid))
-                self._record_transition(conn, track_uid, gid)
-            for old, new in batch.merges.items():
-                conn.execute(sa.update(identities).where(identities.c.global_id == old).values(merged_into=new))
-                conn.execute(sa.delete(transitions).where(transitions.c.global_id == old))
-            for gid, at_us in batch.expired.items():
-                conn.execute(sa.update(identities).where(identities.c.global_id == gid)
-                             .values(expired_at_us=at_us))
+            if batch.assignments:
+                conn.execute(sa.update(sightings).where(sightings.c.track_uid == sa.bindparam("uid"))
+                             .values(global_id=sa.bindparam("gid")),
+                             [{"uid": u, "gid": g} for u, g in batch.assignments.items()])
+                self._record_transitions(conn, list(batch.assignments))
+            if batch.merges:
+                conn.execute(sa.update(identities).where(identities.c.global_id == sa.bindparam("old"))
+                             .values(merged_into=sa.bindparam("new")),
+                             [{"old": o, "new": n} for o, n in batch.merges.items()])
+                for chunk in _chunks(list(batch.merges)):
+                    conn.execute(sa.delete(transitions).where(transitions.c.global_id.in_(chunk)))
+            if batch.expired:
+                conn.execute(sa.update(identities).where(identities.c.global_id == sa.bindparam("gid"))
+                             .values(expired_at_us=sa.bindparam("at")),
+                             [{"gid": g, "at": at} for g, at in batch.expired.items()])
+            self._write_prototypes(conn, batch)
 
-    def _record_transition(self, conn: Connection, track_uid: str, gid: str) -> None:
-        """If the identity's previous track was on another camera, that is a transition into this track."""
-        me = conn.execute(sa.select(tracks).where(tracks.c.track_uid == track_uid)).mappings().first()
-        if me is None:
-            return
-        prev = conn.execute(
-            sa.select(tracks).where(tracks.c.global_id == gid, tracks.c.track_uid != track_uid,
-                                    tracks.c.first_seen_us <= me["first_seen_us"])
-            .order_by(tracks.c.last_seen_us.desc()).limit(1)).mappings().first()
-        conn.execute(sa.delete(transitions).where(transitions.c.to_track_uid == track_uid))
-        if prev is None or (prev["device_id"], prev["camera_id"]) == (me["device_id"], me["camera_id"]):
-            return
-        conn.execute(sa.insert(transitions).values(
-            to_track_uid=track_uid, global_id=gid, from_track_uid=prev["track_uid"],
-            from_device_id=prev["device_id"], from_camera_id=prev["camera_id"], left_at_us=prev["last_seen_us"],
-            to_device_id=me["device_id"], to_camera_id=me["camera_id"], entered_at_us=me["first_seen_us"]))
+    def _write_prototypes(self, conn: Connection, batch: BatchWrite) -> None:
+        for chunk in _chunks(sorted(batch.drop_identities)):
+            conn.execute(sa.delete(prototypes).where(prototypes.c.global_id.in_(chunk)))
+        doomed = [pid for pid, row in batch.prototypes.items() if row is None]
+        for chunk in _chunks(doomed):
+            conn.execute(sa.delete(prototypes).where(prototypes.c.point_id.in_(chunk)))
+        self._upsert(conn, prototypes, [r for r in batch.prototypes.values() if r is not None], ["point_id"], {
+            "global_id": "new", "embedder_id": "new", "vector": "new", "payload": "new", "rev": "new"})
+
+    def _record_transitions(self, conn: Connection, track_uids: list[str]) -> None:
+        """For each newly assigned track: if its identity's previous track (latest last_seen among the
+        identity's other tracks that started no later) was on another camera, that is a transition.
+        One set-based DELETE and INSERT ... SELECT per chunk instead of four statements per track."""
+        me, prev = tracks.alias("me"), tracks.alias("prev")
+        p = tracks.alias("p")
+        latest = (sa.select(p.c.track_uid)
+                  .where(p.c.global_id == me.c.global_id, p.c.track_uid != me.c.track_uid,
+                         p.c.first_seen_us <= me.c.first_seen_us)
+                  .order_by(p.c.last_seen_us.desc()).limit(1).scalar_subquery())
+        cols = ["to_track_uid", "global_id", "from_track_uid", "from_device_id", "from_camera_id", "left_at_us",
+                "to_device_id", "to_camera_id", "entered_at_us"]
+        for chunk in _chunks(track_uids):
+            conn.execute(sa.delete(transitions).where(transitions.c.to_track_uid.in_(chunk)))
+            sel = (sa.select(me.c.track_uid, me.c.global_id, prev.c.track_uid, prev.c.device_id, prev.c.camera_id,
+                             prev.c.last_seen_us, me.c.device_id, me.c.camera_id, me.c.first_seen_us)
+                   .select_from(me.join(prev, prev.c.track_uid == latest))
+                   .where(me.c.track_uid.in_(chunk), me.c.global_id.is_not(None),
+                          sa.or_(prev.c.device_id != me.c.device_id, prev.c.camera_id != me.c.camera_id)))
+            conn.execute(sa.insert(transitions).from_select(cols, sel))
 
     # --- reads the consumer needs ---------------------------------------------------------
     def find_track(self, device_id: str, camera_id: str, track_id: int, at_us: int, gap_us: int
@@ -240,9 +278,29 @@ class AnalyticsStore:
                                         tracks.c.track_id == track_id, tracks.c.first_seen_us <= at_us,
                                         tracks.c.last_seen_us >= at_us - gap_us)
                 .order_by(tracks.c.first_seen_us.desc()).limit(1)).mappings().first()
-        if row is None or (row["ended"] and row["last_seen_us"] < at_us):
-            return None
-        return dict(row)
+        return pick_track([dict(row)] if row is not None else [], at_us, gap_us)
+
+    def find_tracks(self, keys: Sequence[tuple[str, str, int]]) -> dict[tuple[str, str, int], list[dict[str, Any]]]:
+        """Every stored track of these (device, camera, local id) keys, newest first: one query per batch
+        (chunked), so the matcher resolves each unknown key in memory with :func:`pick_track`."""
+        out: dict[tuple[str, str, int], list[dict[str, Any]]] = {k: [] for k in keys}
+        with self.engine.connect() as conn:
+            for chunk in _chunks(list(out), 300):
+                rows = conn.execute(sa.select(tracks).where(
+                    sa.tuple_(tracks.c.device_id, tracks.c.camera_id, tracks.c.track_id).in_(chunk))
+                    .order_by(tracks.c.first_seen_us.desc())).mappings()
+                for r in rows:
+                    out[(r["device_id"], r["camera_id"], int(r["track_id"]))].append(dict(r))
+        return out
+
+    def load_prototypes(self, embedder_id: str) -> Iterator[tuple[str, str, np.ndarray, dict[str, Any], int]]:
+        """(point id, global id, vector, payload, rev) of every stored prototype of one embedder model."""
+        with self.engine.connect() as conn:
+            res = conn.execution_options(yield_per=4096).execute(
+                sa.select(prototypes.c.point_id, prototypes.c.global_id, prototypes.c.vector, prototypes.c.payload,
+                          prototypes.c.rev).where(prototypes.c.embedder_id == embedder_id))
+            for pid, gid, vec, payload, rev in res:
+                yield pid, gid, np.frombuffer(vec, dtype="<f4").copy(), json.loads(payload), int(rev)
 
     def live_identities(self) -> list[dict[str, Any]]:
         """Identities still in the matching gallery (not merged, not expired)."""
@@ -263,6 +321,27 @@ class AnalyticsStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def pick_track(rows: Sequence[dict[str, Any]], at_us: int, gap_us: int) -> dict[str, Any] | None:
+    """:meth:`AnalyticsStore.find_track` over rows already fetched (newest ``first_seen_us`` first)."""
+    for row in rows:
+        if row["first_seen_us"] <= at_us and row["last_seen_us"] >= at_us - gap_us:
+            return None if (row["ended"] and row["last_seen_us"] < at_us) else row
+    return None
+
+
+def prototype_row(point_id: str, global_id: str, embedder_id: str, vector: np.ndarray, payload: dict[str, Any],
+                  rev: int) -> dict[str, Any]:
+    return {"point_id": point_id, "global_id": global_id, "embedder_id": embedder_id,
+            "vector": np.ascontiguousarray(vector, dtype="<f4").tobytes(), "payload": json.dumps(payload),
+            "rev": int(rev)}
+
+
+def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
+    """Keep IN lists well under SQLite's bound-parameter limit."""
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

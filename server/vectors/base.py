@@ -9,7 +9,7 @@ so the matcher ranks identities, not crops.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,7 +56,8 @@ class VectorStore(Protocol):
     def count(self) -> int: ...
 
     def flush(self) -> None:
-        """Make every change so far durable (the consumer calls it once per batch, before committing)."""
+        """Hand over every change so far (the consumer calls it once per batch, after the SQL commit that
+        made the batch's prototypes durable)."""
         ...
 
     def close(self) -> None: ...
@@ -69,17 +70,24 @@ VECTOR_STORES: dict[str, str] = {
 }
 
 
-def build_vectors(cfg: Any, dim: int, model_id: str) -> VectorStore:
-    """Build the configured store; Qdrant backends get an in-memory cache in front when ``cache`` is set."""
+def build_vectors(cfg: Any, dim: int, model_id: str, source: Iterable[Prototype] | None = None) -> VectorStore:
+    """Build the configured store.
+
+    ``source`` is the durable copy of the gallery (the analytics store's ``prototypes`` rows). With it,
+    ``memory`` is an exact in-memory gallery loaded from SQL, and a Qdrant backend with ``cache`` set
+    becomes an asynchronous mirror behind that in-memory gallery (server/vectors/memory.py).
+    """
+    from server.vectors.memory import CachedVectorStore
+
     if cfg.type not in VECTOR_STORES:
         raise ValueError(f"unknown vector store {cfg.type!r}; known: {', '.join(sorted(VECTOR_STORES))}")
+    if cfg.type == "memory" and source is not None:
+        return CachedVectorStore(None, source, dim=dim)
     module_name, _, cls_name = VECTOR_STORES[cfg.type].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     store: VectorStore = cls(cfg, dim=dim, model_id=model_id)
     if getattr(cfg, "cache", False):
-        from server.vectors.memory import CachedVectorStore
-
-        store = CachedVectorStore(store)
+        store = CachedVectorStore(store, source, max_pending=getattr(cfg, "mirror_max_pending", 50_000))
     return store
 
 

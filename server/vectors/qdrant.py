@@ -116,6 +116,18 @@ class QdrantVectorStore:
             if offset is None:
                 return
 
+    def revisions(self) -> dict[str, Any]:
+        """point id -> payload ``rev`` of every point, without vectors (the mirror's reconcile at start)."""
+        out: dict[str, Any] = {}
+        offset = None
+        while True:
+            recs, offset = self.client.scroll(self.collection, limit=4096, offset=offset, with_vectors=False,
+                                              with_payload=["rev"])
+            for r in recs:
+                out[str(r.id)] = (r.payload or {}).get("rev")
+            if offset is None:
+                return out
+
     def count(self) -> int:
         return int(self.client.count(self.collection, exact=True).count)
 
