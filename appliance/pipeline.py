@@ -47,6 +47,19 @@ STAGES = ("decode", "detect", "track", "bestshot", "encode", "publish", "total")
 _BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
 
 
+def _retire(detector: Detector) -> None:
+    """Close a detector after giving the GIL away for a moment.
+
+    OpenVINO 2026.4 can deadlock when a CompiledModel is destroyed while one of its executor threads
+    still waits for the GIL to finish an AsyncInferQueue callback (the destructor joins that thread
+    while holding the GIL; seen in bench-edge). Sleeping first lets those threads take the GIL and
+    finish; see docs/appliance.md.
+    """
+    for _ in range(5):
+        time.sleep(0.02)
+    detector.close()
+
+
 class PipelineMetrics:
     """``reidfleet_appliance_*`` series; the publisher adds ``_kafka_*`` and ``_spool_*`` to the same registry."""
 
@@ -123,6 +136,8 @@ class Pipeline:
         self._track_base = 0
         self.first_frame_at: float | None = None  # time.perf_counter() when the first/last frame was handed over
         self.last_frame_at: float | None = None
+        self.first_frame_cpu_s: float | None = None  # time.process_time() (all threads) at those moments
+        self.last_frame_cpu_s: float | None = None
         self._carry_ended: list[int] = []
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -246,8 +261,9 @@ class Pipeline:
         self.crop_bytes += enc.crop_bytes
         self.frame_jpeg_bytes += enc.frame_jpeg_bytes
         self.last_frame_at = t4
+        self.last_frame_cpu_s = time.process_time()
         if self.first_frame_at is None:
-            self.first_frame_at = t4
+            self.first_frame_at, self.first_frame_cpu_s = t4, self.last_frame_cpu_s
         self._frame_times.append(time.monotonic())
         m.fps.set(self.fps)
         m.source_up.set(1 if self.source.state == "ok" else 0)
@@ -277,21 +293,22 @@ class Pipeline:
         self.metrics.info.clear()
         self.metrics.info.labels(new.model_id, new.model_version).set(1)
         if old is not None:
-            old.close()
+            _retire(old)
         log.info("detector swapped", extra={"model_id": new.model_id, "model_version": new.model_version})
 
     def close(self) -> None:
-        """Reverse order of start: source, detector, producer flush + spool, HTTP."""
+        """Stop the source, then flush Kafka / spool the rest (data first), then drop detectors and HTTP."""
         self.stop.set()
         if self.source is not None:
             self.source.close()
+        self.publisher.close()
         with self._lock:
             pending, self._pending_detector = self._pending_detector, None
         if pending is not None:
-            pending[0].close()
+            _retire(pending[0])
         if self._detector is not None:
-            self._detector.close()
-        self.publisher.close()
+            _retire(self._detector)
+            self._detector = None
         if self.http is not None:
             self.http.stop()
             self.http = None
@@ -381,7 +398,7 @@ class Pipeline:
         with self._lock:
             previous, self._pending_detector = self._pending_detector, (detector, new_cfg)
         if previous is not None:
-            previous[0].close()
+            _retire(previous[0])
         if not self._running:  # not looping: swap now
             with self._lock:
                 pending, self._pending_detector = self._pending_detector, None
