@@ -419,9 +419,14 @@ def purge_before(engine: Engine, cutoff_us: int) -> PurgeReport:
                 "(SELECT 1 FROM tracks t WHERE t.global_id = i.global_id) AND NOT EXISTS "
                 "(SELECT 1 FROM identities k WHERE k.merged_into = i.global_id AND k.last_seen_us >= :cutoff)"),
                 p).fetchall()]
+            has_prototypes = "prototypes" in sa.inspect(conn).get_table_names()
             for i in range(0, len(gone), 500):
+                chunk = {"gids": gone[i:i + 500]}
                 conn.execute(sa.text("DELETE FROM identities WHERE global_id IN :gids")
-                             .bindparams(sa.bindparam("gids", expanding=True)), {"gids": gone[i:i + 500]})
+                             .bindparams(sa.bindparam("gids", expanding=True)), chunk)
+                if has_prototypes:  # the server's durable copy of the appearance vectors goes with them
+                    conn.execute(sa.text("DELETE FROM prototypes WHERE global_id IN :gids")
+                                 .bindparams(sa.bindparam("gids", expanding=True)), chunk)
     except (OperationalError, ProgrammingError) as exc:
         raise StoreUnavailable(f"Retention could not delete from the analytics store: {exc.orig}") from exc
     return PurgeReport(cutoff_us, n_s, n_x, n_t, len(gone), tuple(gone))

@@ -62,8 +62,9 @@ def _delete_vectors(cfg: DashboardConfig, global_ids: list[str]) -> str:
     if not global_ids:
         return "no identity left the store, so no vector to delete"
     if not cfg.qdrant.url:
-        return (f"{len(global_ids)} identities removed; their vectors in the local Qdrant folder are removed by the "
-                f"server's identity retention (local mode is locked by the server)")
+        return (f"{len(global_ids)} identities removed with their vectors in the store's prototypes table; the "
+                f"server's local Qdrant mirror (locked by the server) drops them at its next start-up "
+                f"reconciliation or by its identity retention")
     try:
         from qdrant_client import QdrantClient, models
 

@@ -164,11 +164,12 @@ def embedder(spec_json: str) -> Any:
     return build_embedder(json.loads(spec_json))
 
 
-@st.cache_resource(show_spinner=False)
+@st.cache_resource(show_spinner=False, ttl=300)
 def vector_reader(_cfg: DashboardConfig, key: str, model_id: str) -> Any:
+    """Re-chosen every 5 min, so a store that gains prototypes (or a server that starts) is picked up."""
     from dashboard.vectors import open_reader
 
-    return open_reader(_cfg.qdrant, model_id)
+    return open_reader(_cfg.qdrant, model_id, _engine(_cfg.store_url))
 
 
 @st.cache_resource(show_spinner=False)

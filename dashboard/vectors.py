@@ -1,6 +1,8 @@
 """Read the server's identity vectors for search-by-example, without ever locking them.
 
-Qdrant local mode lets one process hold a folder (an exclusive file lock): if the dashboard opened
+First choice: the analytics store's ``prototypes`` table, the server's durable copy of the gallery
+(written in the same transaction as the batch; Qdrant is its mirror): plain SQL, no lock, no pickle.
+Otherwise, Qdrant local mode lets one process hold a folder (an exclusive file lock): if the dashboard opened
 it with ``QdrantClient(path=...)`` the server could not start, and while the server runs the
 dashboard could not open it. So for local mode the dashboard reads the collection's own SQLite
 file (``collection/<name>/storage.sqlite``, qdrant-client's persistence format: one pickled
@@ -100,23 +102,8 @@ class LocalCollectionReader:
 
     def search(self, query: np.ndarray, limit: int) -> list[Match]:
         self._load()
-        if not self._ids:
-            return []
-        q = np.asarray(query, dtype=np.float32).reshape(-1)
-        if q.shape[0] != self._matrix.shape[1]:
-            raise VectorsUnavailable(
-                f"the query has {q.shape[0]} dimensions but collection {self.collection!r} holds "
-                f"{self._matrix.shape[1]}-d vectors: search.embedder must be the server's embedder")
-        q = q / max(float(np.linalg.norm(q)), 1e-12)
-        scores = self._matrix @ q
-        best: dict[str, Match] = {}
-        for i in np.argsort(-scores):
-            gid = self._gids[i]
-            if gid not in best:
-                best[gid] = Match(gid, float(scores[i]), self._ids[i])
-                if len(best) == limit:
-                    break
-        return list(best.values())
+        return _best_per_identity(self._ids, self._gids, self._matrix, query, limit,
+                                  f"collection {self.collection!r}")
 
 
 class ServerCollectionReader:
@@ -153,8 +140,80 @@ class ServerCollectionReader:
         return list(best.values())
 
 
-def open_reader(cfg: QdrantConfig, model_id: str) -> Any:
+def _best_per_identity(ids: list[str], gids: list[str], matrix: np.ndarray, query: np.ndarray, limit: int,
+                       what: str) -> list[Match]:
+    if not ids:
+        return []
+    q = np.asarray(query, dtype=np.float32).reshape(-1)
+    if q.shape[0] != matrix.shape[1]:
+        raise VectorsUnavailable(f"the query has {q.shape[0]} dimensions but {what} holds {matrix.shape[1]}-d "
+                                 f"vectors: search.embedder must be the server's embedder")
+    scores = matrix @ (q / max(float(np.linalg.norm(q)), 1e-12))
+    best: dict[str, Match] = {}
+    for i in np.argsort(-scores):
+        if gids[i] not in best:
+            best[gids[i]] = Match(gids[i], float(scores[i]), ids[i])
+            if len(best) == limit:
+                break
+    return list(best.values())
+
+
+class StorePrototypeReader:
+    """Exact search over the store's ``prototypes`` rows of one embedder, reloaded when they change."""
+
+    def __init__(self, engine: Any, embedder_id: str) -> None:
+        self.engine = engine
+        self.embedder_id = embedder_id
+        self._stamp: tuple[int, int] | None = None
+        self._ids: list[str] = []
+        self._gids: list[str] = []
+        self._matrix = np.zeros((0, 0), np.float32)
+
+    def _load(self) -> None:
+        import sqlalchemy as sa
+
+        try:
+            with self.engine.connect() as conn:
+                n, rev = conn.execute(sa.text("SELECT COUNT(*), COALESCE(MAX(rev), 0) FROM prototypes "
+                                              "WHERE embedder_id = :m"), {"m": self.embedder_id}).one()
+                if (int(n), int(rev)) == self._stamp:
+                    return
+                rows = conn.execute(sa.text("SELECT point_id, global_id, vector FROM prototypes "
+                                            "WHERE embedder_id = :m"), {"m": self.embedder_id}).fetchall()
+        except sa.exc.SQLAlchemyError as exc:
+            raise VectorsUnavailable(f"cannot read prototypes from the analytics store: {exc}") from exc
+        vecs = [np.frombuffer(r[2], dtype="<f4") for r in rows]
+        matrix = np.stack(vecs).astype(np.float32) if vecs else np.zeros((0, 0), np.float32)
+        if len(matrix):
+            matrix /= np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12)
+        self._ids, self._gids = [str(r[0]) for r in rows], [str(r[1]) for r in rows]
+        self._matrix, self._stamp = matrix, (int(n), int(rev))
+
+    def count(self) -> int:
+        self._load()
+        return len(self._ids)
+
+    def search(self, query: np.ndarray, limit: int) -> list[Match]:
+        self._load()
+        return _best_per_identity(self._ids, self._gids, self._matrix, query, limit,
+                                  f"the store's prototypes of {self.embedder_id}")
+
+
+def store_has_prototypes(engine: Any, embedder_id: str) -> bool:
+    import sqlalchemy as sa
+
+    if "prototypes" not in sa.inspect(engine).get_table_names():
+        return False
+    with engine.connect() as conn:
+        return conn.execute(sa.text("SELECT 1 FROM prototypes WHERE embedder_id = :m LIMIT 1"),
+                            {"m": embedder_id}).first() is not None
+
+
+def open_reader(cfg: QdrantConfig, model_id: str, engine: Any = None) -> Any:
+    """The store's prototypes when it has them for this model, else Qdrant (server URL or local folder)."""
     name = collection_for(cfg, model_id)
+    if engine is not None and store_has_prototypes(engine, model_id):
+        return StorePrototypeReader(engine, model_id)
     if cfg.url:
         return ServerCollectionReader(cfg, name)
     if not cfg.path:
