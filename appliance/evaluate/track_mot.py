@@ -113,9 +113,9 @@ def score(gt: MotRows, pred: MotRows, n_frames: int) -> dict[str, float]:
     }
 
 
-def detect_sequence(seq: Sequence, model_dir: Path, iou: float | None) -> list[Detections]:
+def detect_sequence(seq: Sequence, model_dir: Path, iou: float | None, conf: float = TRACK_CONF) -> list[Detections]:
     extra = {} if iou is None else {"iou_threshold": iou}
-    det = build_detector(DetectorConfig(model_dir=model_dir, conf_threshold=TRACK_CONF, **extra))
+    det = build_detector(DetectorConfig(model_dir=model_dir, conf_threshold=conf, **extra))
     try:
         out = []
         for p in seq.frames:
@@ -163,9 +163,11 @@ def mean_over(per_seq: dict[str, dict[str, float]], key: str) -> float:
     return float(statistics.fmean(v[key] for v in per_seq.values()))
 
 
-def tune(seqs: list[Sequence], model_dir: Path, det_iou: float | None, backends: tuple[str, ...]) -> None:
+def tune(
+    seqs: list[Sequence], model_dir: Path, det_iou: float | None, backends: tuple[str, ...], det_conf: float
+) -> None:
     """Small, principled grid, one setting for all sequences: prints mean HOTA/IDF1/MOTA per setting."""
-    dets = {s.name: detect_sequence(s, model_dir, det_iou) for s in seqs}
+    dets = {s.name: detect_sequence(s, model_dir, det_iou, det_conf) for s in seqs}
     grid = {
         "activation_threshold": (0.25, 0.4, 0.5, 0.6),
         "minimum_iou": (0.1, 0.2, 0.3),
@@ -200,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS_DIR)
     ap.add_argument("--tune", action="store_true", help="sweep Tracker settings instead of the comparison")
     ap.add_argument("--det-iou", type=float, default=None, help="detector NMS IoU for --tune (default: config)")
+    ap.add_argument("--det-conf", type=float, default=TRACK_CONF, help="detector confidence for --tune")
     ap.add_argument("--backends", default=",".join(BACKENDS), help="tracker backends for --tune, comma-separated")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = require(model_path(DEFAULT_MODEL_DIR, assets=args.assets), "detector IR")
     seqs = [load_sequence(root, n) for n in SEQUENCES]
     if args.tune:
-        tune(seqs, model_dir, args.det_iou, tuple(b for b in args.backends.split(",") if b))
+        tune(seqs, model_dir, args.det_iou, tuple(b for b in args.backends.split(",") if b), args.det_conf)
         return 0
 
     t_start = time.perf_counter()
