@@ -80,9 +80,12 @@ def make_bundle(kafka_port: int, keydir: Path, camera_url: str = TEST_CLIP) -> b
     return bundle.model_dump_json(indent=2).encode()
 
 
-def prepare_disk(src: Path, dst: Path, bundle: bytes | None, cmdline_extra: str) -> None:
+def prepare_disk(src: Path, dst: Path, bundle: bytes | None, cmdline_extra: str, grow_bytes: int = 1 << 30) -> None:
     """Sparse copy of the image with the bundle on REIDFLEET and extra kernel arguments in the loader entries."""
     subprocess.run(["cp", "--sparse=always", str(src), str(dst)], check=True)
+    # A real disk is bigger than the image: the first boot must grow the data partition into the rest.
+    with open(dst, "r+b") as f:
+        f.truncate(dst.stat().st_size + grow_bytes)
     parts = partitions(dst)
     if bundle is not None:
         off = parts["REIDFLEET"][0]
@@ -293,8 +296,8 @@ def main() -> int:
     ap.add_argument("--image", type=Path, default=HERE / "out" / "reidfleet-appliance.img")
     ap.add_argument("--workdir", type=Path, default=None, help="keep the disk copy and logs here")
     ap.add_argument("--boot-timeout-s", type=float, default=600)
-    ap.add_argument("--frames-timeout-s", type=float, default=240)
-    ap.add_argument("--frames", type=int, default=5)
+    ap.add_argument("--frames-timeout-s", type=float, default=600)
+    ap.add_argument("--frames", type=int, default=2)
     ap.add_argument("--results", type=Path, default=REPO / "results" / "image.json")
     ap.add_argument("--no-bundle", action="store_true", help="boot without a bundle: expect waiting_for_bundle")
     args = ap.parse_args()

@@ -54,6 +54,20 @@ ln -sfn /usr/share/zoneinfo/Etc/UTC "$root/etc/localtime"
 : > "$root/etc/machine-id"
 install -d "$root/efi"
 
+say "kernel modules an edge box cannot use (no firmware, no userspace for them): GPUs other than Intel, WiFi,"
+say "Bluetooth, sound, InfiniBand, staging, network filesystems; USB cameras (uvcvideo) and NICs stay"
+kdir="$(ls -d "$root"/usr/lib/modules/* | sort -V | tail -1)"
+before=$(du -sm "$kdir" | cut -f1)
+for sub in drivers/gpu/drm/amd drivers/gpu/drm/radeon drivers/gpu/drm/nouveau drivers/infiniband \
+           drivers/net/wireless net/wireless net/mac80211 drivers/bluetooth net/bluetooth sound drivers/staging \
+           drivers/isdn drivers/media/dvb-frontends drivers/media/tuners drivers/media/pci drivers/media/dvb-core \
+           drivers/media/rc drivers/media/radio drivers/media/platform drivers/net/can drivers/iio \
+           fs/btrfs fs/xfs fs/ocfs2 fs/gfs2 fs/nfs fs/nfsd fs/smb fs/ceph fs/jfs fs/reiserfs fs/f2fs fs/nilfs2; do
+  rm -rf "${kdir:?}/kernel/$sub"
+done
+in_root depmod -a "$(basename "$kdir")"
+say "modules: ${before} MiB -> $(du -sm "$kdir" | cut -f1) MiB"
+
 say "initrd with the data-partition hook (grow, fsck, mount /var, machine-id)"
 in_root update-initramfs -u -k all >/dev/null 2>&1 || in_root update-initramfs -u -k all
 

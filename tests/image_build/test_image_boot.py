@@ -35,15 +35,17 @@ def image() -> Path:
 
 
 def test_boots_provisions_and_delivers_frames_to_host_kafka(image: Path, tmp_path: Path) -> None:
-    res = boot_test.run(image, workdir=tmp_path, boot_timeout_s=900, frames_timeout_s=300, want_frames=5)
+    # Under TCG the INT8 detector takes tens of seconds a frame: two frames prove the path end to end.
+    res = boot_test.run(image, workdir=tmp_path, boot_timeout_s=900, frames_timeout_s=600, want_frames=2)
     from report import merge
 
     merge(ROOT / "results" / "image.json", "boot", res)
-    assert res["frames_received"] >= 5, res
+    assert res["frames_received"] >= 2, res
     assert res["device_id"] == boot_test.DEVICE_ID
     assert res["frame_wh"] == [640, 360]  # the generated test clip, decoded inside the VM
     assert res["status"]["state"] == "provisioned"
     assert res["status"]["data_partition"].startswith("mounted"), res["status"]
+    assert "grown=1" in res["status"]["data_partition"], "the data partition did not grow into the bigger disk"
     assert res["serial_has_status"], "no REIDFLEET-STATUS line on the serial console"
     assert res["clean_poweroff"], "the VM did not power off on the ACPI button within 90 s"
 

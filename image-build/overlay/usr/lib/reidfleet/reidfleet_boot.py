@@ -431,7 +431,8 @@ def banner(st: dict[str, Any]) -> str:
     rows += [f" status page: {page}", f" image:       {st.get('version', '?')} (slot {st.get('slot', '?')})"]
     line = "=" * 72
     tag = f"{CONSOLE_TAG} state={st['state']} device={st.get('device_id') or '-'}"
-    return "\r\n" + line + "\r\n reidfleet appliance\r\n" + "\r\n".join(rows) + "\r\n" + line + "\r\n" + tag + "\r\n"
+    # Plain \n: the console's tty turns it into \r\n itself.
+    return "\n" + line + "\n reidfleet appliance\n" + "\n".join(rows) + "\n" + line + "\n" + tag + "\n"
 
 
 def publish_status(st: Status, paths: Paths) -> dict[str, Any]:
@@ -582,7 +583,7 @@ def cmd_status_server(args: argparse.Namespace) -> int:
             continue
         word = overall(status, appliance_health(args.health_port))
         if word != last:
-            console(f"\r\n{CONSOLE_TAG} appliance={word} device={status.get('device_id') or '-'}\r\n")
+            console(f"\n{CONSOLE_TAG} appliance={word} device={status.get('device_id') or '-'}\n")
             last = word
     server.shutdown()
     return 0
