@@ -2,15 +2,18 @@
 
 1. Embedding stage alone: crops/s of the configured embedder on real Market-1501 crops.
 2. Whole consumer: edge frames with real crops on an embedded tansu broker → ReidConsumer (decode, embed,
-   gender, match, Qdrant local + cache, SQLite, reid_output) → crops/s from first batch to last.
-3. Identity-match latency (p50/p95) at 1k, 20k and 100k gallery identities, measured interleaved
+   gender, match, SQLite with the gallery's durable copy, Qdrant local mirror, reid_output) → crops/s from
+   the first batch to the last.
+3. Host side only (``--host-crops``): the same consumer with the real models' outputs replayed by content
+   (:class:`ReplayModels`), i.e. the ceiling of the consumer when the models cost nothing (a GPU box).
+4. Identity-match latency (p50/p95) at 1k, 20k and 100k gallery identities, measured interleaved
    (A B A B ...) on the same queries: Qdrant local mode (the embedded default's own search) vs what we
-   ship (the exact numpy cache in front of it). One prototype per identity.
+   ship (the exact in-memory gallery). One prototype per identity.
    Qdrant local keeps every point in memory and searches in Python/numpy whether or not it persists, so
    the gallery is built with ``QdrantClient(":memory:")``: building 100k persisted points takes ~5 min
-   here (measured 60 s per 20k), the search code is the same. The persisted write (one upsert per new
-   or improved track) is timed separately.
-Writes results/bench-server.json and .png; last line ``RESULT bench-server key=value ...``.
+   here (measured 60 s per 20k), the search code is the same. The persisted write is timed separately.
+Writes results/<name>.json (after every stage) and .png; last line ``RESULT <name> key=value ...``.
+GPU box: ``--embedder osnet_torch --gender off --batch-crops 2048 --crops 20000 --name bench-server-gpu``.
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ class ReplayModels:
 
 
 def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp: Path,
-                   embedder: Any = None, gender: Any = None, n_crops: int | None = None) -> dict[str, Any]:
+                   embedder: Any = None, gender: Any = None, n_crops: int | None = None,
+                   vectors: str = "qdrant_local") -> dict[str, Any]:
     from confluent_kafka import Producer
 
     from common.kafka import ensure_topics
@@ -134,7 +138,8 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         data["kafka"] = {**data.get("kafka", {}), "bootstrap": broker.bootstrap, "input_topic": names["reid_input"],
                          "output_topic": names["reid_output"], "dlq_topic": names["reid_dlq"],
                          "group_id": "bench"}
-        data["vectors"] = {"type": "qdrant_local", "path": str(tmp / "qdrant")}
+        data["vectors"] = {"type": "qdrant_local", "path": str(tmp / "qdrant")} if vectors == "qdrant_local" \
+            else {"type": "memory"}
         data["store"] = {"url": f"sqlite:///{tmp / 'analytics.db'}"}
         # The warmed-up embedder of the stage benchmark: a first inference's compile cost is not throughput.
         consumer = ReidConsumer(ServerConfig.model_validate(data), embedder=embedder, gender=gender)
@@ -154,6 +159,10 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         while ok._value.get() < len(frames) and time.monotonic() < deadline:
             time.sleep(0.01)
         end = time.perf_counter()
+        lag_at_end = getattr(consumer.vectors, "mirror_lag", lambda: 0)()
+        mirror = getattr(consumer.vectors, "mirror", None)
+        drained = mirror.drain(120) if mirror is not None else True
+        drain_s = time.perf_counter() - end
         consumer.stop.set()
         th.join(60)
         stages = {}
@@ -167,7 +176,10 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         return {"crops": n_crops, "frames": len(frames), "seconds": end - first[0],
                 "crops_s": n_crops / (end - first[0]), "stage_seconds": stages,
                 # Ceiling of the whole consumer if the models cost nothing (a GPU box): the host-side stages.
-                "host_only_crops_s": n_crops / host if host else float("inf"),
+                "host_stage_crops_s": n_crops / host if host else float("inf"),
+                # The Qdrant mirror trails the SQL copy (server/vectors/memory.py): how far, and how long it took
+                # to catch up once the stream was processed.
+                "mirror_lag_points_at_end": lag_at_end, "mirror_drain_s": drain_s, "mirror_drained": drained,
                 "batches": consumer.batches, "identities": consumer.matcher.gallery_size(),
                 "matcher": consumer.matcher.stats, "embedder": consumer.embedder.model_id,
                 "gender": consumer.cfg.gender.mode}
@@ -249,14 +261,19 @@ def chart(res: dict[str, Any], path: Path) -> None:
     a.set_ylabel("match latency p95 (ms, log)")
     a.legend(fontsize=8)
     a.set_title("identity match, one query")
-    labels = ["embed stage", "whole consumer"]
-    vals = [res["embed_crops_s"], res["pipeline"]["crops_s"]]
-    b.bar(labels, vals, color=["tab:blue", "tab:green"])
+    labels = ["embed stage", "whole consumer"] + (["host side only"] if "host_only" in res else [])
+    vals = [res["embed_crops_s"], res["pipeline"]["crops_s"]] + (
+        [res["host_only"]["crops_s"]] if "host_only" in res else [])
+    b.bar(labels, vals, color=["tab:blue", "tab:green", "tab:gray"][:len(vals)])
+    b.axhline(10_000, color="red", ls="--", lw=1, label="GPU target 10k")
+    b.set_yscale("log")
+    b.legend(fontsize=8)
     for i, v in enumerate(vals):
         b.text(i, v, f"{v:.0f}", ha="center", va="bottom")
     b.set_ylabel("crops / s")
-    b.set_title(f"{res['pipeline']['embedder']} on {res['cpus']} CPU cores")
-    fig.suptitle("bench-server (this machine, CPU)")
+    b.set_title(f"{res['pipeline']['embedder']}, {res['cpus']} CPU cores" + (f", {res['gpu']}" if "gpu" in res
+                                                                               else ""), fontsize=9)
+    fig.suptitle(f"bench-server ({res.get('gpu', 'this machine, CPU')})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -264,11 +281,16 @@ def chart(res: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench-server", description=__doc__.split("\n")[0])
     ap.add_argument("assets", nargs="?", default=None, help="shared assets folder (default ../shared/assets)")
-    ap.add_argument("--embedder", default="intel_reid", help="embedder type (intel_reid, osnet_openvino, ...)")
-    ap.add_argument("--crops", type=int, default=512, help="crops through the whole consumer")
+    ap.add_argument("--embedder", default="intel_reid", help="embedder type (intel_reid, osnet_openvino, osnet_torch)")
+    ap.add_argument("--crops", type=int, default=512, help="crops through the whole consumer with the real models")
+    ap.add_argument("--host-crops", type=int, default=4000, help="crops through the whole consumer with the model "
+                    "outputs replayed (host-side ceiling); 0 = skip")
+    ap.add_argument("--batch-crops", type=int, default=256, help="batch.max_crops of the consumer")
+    ap.add_argument("--vectors", default="qdrant_local", choices=["qdrant_local", "memory"])
     ap.add_argument("--sizes", default="1000,20000,100000")
     ap.add_argument("--queries", type=int, default=200)
     ap.add_argument("--gender", default="soft", choices=["off", "filter", "soft"])
+    ap.add_argument("--name", default="bench-server", help="results/<name>.json (bench-server-gpu on the GPU box)")
     ap.add_argument("--out", default="results")
     a = ap.parse_args(argv)
 
@@ -279,31 +301,64 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging("bench-server", "WARNING")
     root = require(data_path("market1501_subset", assets=a.assets), "Market-1501 subset")
-    jpegs = market_jpegs(root, a.crops)
+    jpegs = market_jpegs(root, max(a.crops, 512))
     images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for _, j in jpegs]
-    res: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": allowed_cpus()}
+    res: dict[str, Any] = {"machine": platform.processor() or platform.machine(), "cpus": allowed_cpus(),
+                           "args": vars(a)}
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            res["gpu"] = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
     embedder = build_embedder({"type": a.embedder}, assets=a.assets)
     res["embedder"] = embedder.model_id
-    res["embed_crops_s"] = bench_embed(embedder, images[:256], rounds=3)
+    n_stage = min(len(images), 4096 if "gpu" in res else 256)
+    res["embed_crops_s"] = bench_embed(embedder, [images[i % len(images)] for i in range(n_stage)], rounds=3)
     print(f"  embed stage: {res['embed_crops_s']:.0f} crops/s ({embedder.model_id})", flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"embedder": {"type": a.embedder}, "gender": {"mode": a.gender}, "assets": a.assets,
-               "batch": {"max_crops": 256, "max_wait_ms": 50}}
-        res["pipeline"] = bench_pipeline(cfg, jpegs, Path(tmp), embedder)
-        print(f"  whole consumer: {res['pipeline']['crops_s']:.0f} crops/s, stages {res['pipeline']['stage_seconds']}",
-              flush=True)
-        res["match"] = bench_match(embedder.dim, [int(s) for s in a.sizes.split(",")], a.queries, Path(tmp))
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench-server.json").write_text(json.dumps(res, indent=2, default=str))
-    chart(res, out / "bench-server.png")
+
+    def save() -> None:  # after every stage: a run cut short (device time limit) still leaves its numbers
+        (out / f"{a.name}.json").write_text(json.dumps(res, indent=2, default=str))
+
+    save()
+    gender = None
+    if a.gender != "off":
+        from server.attributes import IntelGenderConfig, build_gender
+
+        gender = build_gender(IntelGenderConfig(), assets=a.assets)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = {"embedder": {"type": a.embedder}, "gender": {"mode": a.gender}, "assets": a.assets,
+               "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50}}
+        res["pipeline"] = bench_pipeline(cfg, jpegs, Path(tmp) / "real", embedder, gender, n_crops=a.crops,
+                                         vectors=a.vectors)
+        print(f"  whole consumer: {res['pipeline']['crops_s']:.0f} crops/s, stages {res['pipeline']['stage_seconds']}",
+              flush=True)
+        save()
+        if a.host_crops:
+            replay = ReplayModels(embedder, gender)
+            replay.prime(images)
+            res["host_only"] = bench_pipeline(cfg, jpegs, Path(tmp) / "host", replay, replay if gender else None,
+                                              n_crops=a.host_crops, vectors=a.vectors)
+            print(f"  host side only (model outputs replayed): {res['host_only']['crops_s']:.0f} crops/s, "
+                  f"stages {res['host_only']['stage_seconds']}", flush=True)
+            save()
+        res["match"] = bench_match(embedder.dim, [int(s) for s in a.sizes.split(",") if s], a.queries, Path(tmp))
+    save()
+    try:
+        chart(res, out / f"{a.name}.png")
+    except ImportError:
+        print("  (matplotlib missing: no chart)")
     m20 = res["match"].get("20000", {})
-    print(f"RESULT bench-server embed_crops_s={res['embed_crops_s']:.1f} "
+    host = res.get("host_only", {}).get("crops_s", float("nan"))
+    print(f"RESULT {a.name} embed_crops_s={res['embed_crops_s']:.1f} "
           f"pipeline_crops_s={res['pipeline']['crops_s']:.1f} "
           f"match_p95_ms_20k={m20.get('ours_p95_ms', float('nan')):.2f} "
           f"qdrant_local_p95_ms_20k={m20.get('qdrant_local_p95_ms', float('nan')):.2f} "
           f"match_p95_ms_100k={res['match'].get('100000', {}).get('ours_p95_ms', float('nan')):.2f} "
-          f"host_only_crops_s={res['pipeline']['host_only_crops_s']:.0f}")
+          f"host_only_crops_s={host:.0f}")
     return 0
 
 

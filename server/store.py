@@ -60,6 +60,9 @@ tracks = sa.Table(
 )
 sa.Index("ix_tracks_local", tracks.c.device_id, tracks.c.camera_id, tracks.c.track_id, tracks.c.first_seen_us)
 sa.Index("ix_tracks_global", tracks.c.global_id, tracks.c.first_seen_us)
+# The transition query's "identity's latest earlier track": newest last_seen first, no sort, no scan of all
+# of a busy identity's tracks.
+sa.Index("ix_tracks_global_last", tracks.c.global_id, tracks.c.last_seen_us)
 sa.Index("ix_tracks_last_seen", tracks.c.last_seen_us)
 
 sightings = sa.Table(
