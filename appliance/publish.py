@@ -56,6 +56,12 @@ from common.kafka import producer_config
 
 log = logging.getLogger(__name__)
 
+#: Errors that mean the broker no longer accepts this producer id/epoch: only a fresh producer helps.
+_STALE_PRODUCER = frozenset({
+    KafkaError._FATAL, KafkaError.PRODUCER_FENCED, KafkaError.INVALID_PRODUCER_EPOCH,
+    KafkaError.UNKNOWN_PRODUCER_ID, KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER, KafkaError.INVALID_PRODUCER_ID_MAPPING,
+})
+
 _MAGIC = b"RS"
 _HEADER = struct.Struct("<2sQHII")  # magic, seq, key_len, value_len, crc32
 _CURSOR = "cursor"
@@ -644,8 +650,11 @@ class Publisher:
 
     def _note_fatal(self, err: KafkaError) -> None:
         """An idempotent producer that hit a fatal error (e.g. the broker lost its producer state on
-        restart) refuses everything from then on: the pump replaces it with a fresh one."""
-        if err.fatal() or err.code() == KafkaError._FATAL:
+        restart) refuses everything from then on: the pump replaces it with a fresh one. A broker that
+        kept (or half-kept) producer state across a restart answers with a fencing/epoch error instead;
+        librdkafka does not mark those fatal, yet every retry fails the same way until a new producer id
+        is taken (found by tests/system/test_broker_outage.py on tansu with s3 storage)."""
+        if err.fatal() or err.code() in _STALE_PRODUCER:
             if not self._recreate:
                 log.warning("kafka producer is in a fatal state (%s): recreating it", err.str())
             self._recreate = True
