@@ -226,7 +226,11 @@ class VideoSource:
                         self.state = "eof"
                         break
                     cap.release()
-                    cap = self._cap = self._open_capture()
+                    self._cap = None
+                    reopened = self._reopen_file()
+                    if reopened is None:
+                        break
+                    cap = self._cap = reopened
                     image = self._read(cap)
                     if image is None:
                         self._fail(SourceError(f"{self.cfg.url}: no frames after rewinding"))
@@ -244,6 +248,35 @@ class VideoSource:
             self._fail(SourceError(f"{self.display_url}: reading failed: {exc}"))
         finally:
             self._put(None)
+
+    def _reopen_file(self) -> cv2.VideoCapture | None:
+        """Rewind a looping file. A file that is gone or unreadable at that moment (a share that
+        dropped, a clip being replaced) is waited for like a live camera: ``reconnecting`` with backoff,
+        so the appliance keeps running and reports it; ``reconnect_max_attempts`` bounds the wait."""
+        delay, failures = self.cfg.reconnect_initial_s, 0
+        while not self._stopping():
+            try:
+                cap = self._open_capture()
+            except SourceError as exc:
+                failures += 1
+                self.last_error = str(exc)
+                limit = self.cfg.reconnect_max_attempts
+                if limit is not None and failures >= limit:
+                    self._fail(SourceError(f"{exc}; giving up after {failures} attempts"))
+                    return None
+                if self.state != "reconnecting":
+                    self.reconnects += 1
+                    log.warning("looping file unavailable, waiting for it: %s", exc)
+                self.state = "reconnecting"
+                if self._stop.wait(delay) or self._closed.is_set():
+                    return None
+                delay = min(delay * 2, self.cfg.reconnect_max_s)
+                continue
+            if self.state == "reconnecting":
+                log.info("looping file is back", extra={"source": self.display_url})
+            self.state = "ok"
+            return cap
+        return None
 
     # -- live grabber ---------------------------------------------------------------------
     def _live_loop(self, _first: np.ndarray | None) -> None:
