@@ -67,3 +67,49 @@ def test_cli_run_on_a_missing_video_exits_with_a_clear_error(tmp_path: Path) -> 
     )
     assert r.returncode == 1
     assert f"error: video file not found: {tmp_path / 'cam.mp4'}" in r.stderr
+
+
+@pytest.mark.integration
+def test_cli_sigterm_flushes_and_exits_cleanly(kafka_bootstrap: str, unique_topic_prefix: str,
+                                               tmp_path: Path) -> None:
+    """SIGTERM mid-video: exit 0, and every frame the loop processed is in Kafka (flushed, not lost)."""
+    import json
+    import signal
+    import time
+
+    from confluent_kafka import Consumer
+
+    from common.kafka import consumer_config, ensure_topics
+    from schemas.codec import AvroCodec
+    from schemas.topics import TopicSpec
+
+    topic = unique_topic_prefix + "sig"
+    ensure_topics(kafka_bootstrap, [TopicSpec(topic, 1, 1)])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance", "run",
+         "--set", f"source.url={data_path('videos', 'PETS09-S2L1_frames0001-0300.mp4')}",
+         "--set", "source.realtime=true", "--set", f"kafka.bootstrap={kafka_bootstrap}",
+         "--set", f"kafka.topic={topic}", "--set", "http.port=0", "--set", f"spool.dir={tmp_path / 'spool'}"],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    time.sleep(12)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-3000:]
+    final = [json.loads(line) for line in err.splitlines() if line.startswith("{") and '"stopped"' in line][-1]
+    tele = json.loads(final["telemetry"])
+    n = tele["frames_processed"]
+    assert 0 < n < 300 and tele["kafka"]["spool_messages"] == 0
+    c = Consumer(consumer_config(kafka_bootstrap, unique_topic_prefix + "g", "t", **{"enable.auto.offset.store": True}))
+    c.subscribe([topic])
+    codec = AvroCodec("edge_frame")
+    got: list[int] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(got) < n and time.monotonic() < deadline:
+            m = c.poll(0.3)
+            if m is not None and not m.error():
+                got.append(codec.decode(m.value())["frame_index"])
+    finally:
+        c.close()
+    assert got == list(range(n))
