@@ -158,7 +158,9 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
 def live_settings(cfg: ApplianceConfig) -> dict[str, Any]:
     """The live-tunable part of ``cfg`` as JSON-ready data (what ``current_settings`` reports)."""
     data = cfg.model_dump(mode="json")
-    return {k: data[k] for k in LIVE_SECTIONS}
+    out = {k: data[k] for k in LIVE_SECTIONS}
+    out["detector"].pop("model_dir", None)  # the model is OTA's business (ApplianceControl.load_model)
+    return out
 
 
 def merge_settings(cfg: ApplianceConfig, settings: dict[str, Any]) -> ApplianceConfig:

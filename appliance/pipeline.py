@@ -143,7 +143,8 @@ class Pipeline:
     # -- lifecycle ------------------------------------------------------------------------
     def start(self) -> Pipeline:
         """Load the detector, open the spool/producer and the health server (no frames yet)."""
-        self._detector = build_detector(self.cfg.detector)
+        if self._detector is None:  # apply_settings/load_model before start may have built one already
+            self._detector = build_detector(self.cfg.detector)
         self.metrics.info.labels(self._detector.model_id, self._detector.model_version).set(1)
         self.publisher.start()
         if self.serve_http:
@@ -169,6 +170,8 @@ class Pipeline:
             self.start()
         self._running = True
         try:
+            with self._lock:
+                self._source_changed = False  # the source opened now already has the latest settings
             self.source = self._open_source()
             frames = self.source.frames()
             while not self.stop.is_set():
@@ -345,7 +348,10 @@ class Pipeline:
         src = self.source
         det = self._detector
         n = max(self.frames_processed, 1)
+        health = self.health()
         return {
+            "health": "error" if not health["ok"] else ("degraded" if health["degraded"] else "ok"),
+            "health_detail": health["error"] or ", ".join(health["degraded"]),
             "device_id": self.cfg.device_id,
             "camera_id": self.cfg.camera_id,
             "uptime_s": round(time.monotonic() - self._started, 1),
@@ -376,6 +382,11 @@ class Pipeline:
         return live_settings(self.cfg)
 
     def apply_settings(self, settings: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(settings, dict) and isinstance(settings.get("detector"), dict) and (
+            "model_dir" in settings["detector"]
+        ):
+            raise ConfigError("settings", ["detector.model_dir: the model is managed by OTA (load_model), "
+                                           "not by config"])
         new_cfg = merge_settings(self.cfg, settings)
         new_url = new_cfg.source.url
         if new_cfg.source != self.cfg.source and classify(new_url) == "file" and not Path(new_url).is_file():

@@ -218,6 +218,11 @@ def test_control_settings_and_model_swap(
             pipe.apply_settings({"sending": {"crop_jpeg_quality": 500, "mode": "zip"}})
         assert "sending.crop_jpeg_quality" in str(err.value) and "sending.mode" in str(err.value)
         assert pipe.current_settings() == before  # rejected whole
+        with pytest.raises(ConfigError, match="managed by OTA"):
+            pipe.apply_settings({"detector": {"model_dir": "/tmp"}})
+        assert "model_dir" not in pipe.current_settings()["detector"]
+        assert pipe.apply_settings(pipe.current_settings()) == pipe.current_settings()  # agent re-applies at start
+        assert pipe.telemetry()["health"] in ("ok", "degraded")
         now = pipe.apply_settings({"sending": {"mode": "full", "full_frame_fps": 2}})
         assert now["sending"]["mode"] == "full" and now["sending"]["full_frame_fps"] == 2
         with pytest.raises(Exception, match="not found"):
