@@ -58,6 +58,7 @@ class FleetManager:
         self.mqtt_host, self.mqtt_port = mqtt_host, mqtt_port
         self.connected = threading.Event()
         self._stop = threading.Event()
+        self._resync = False
         self._thread: threading.Thread | None = None
         self.registry = CollectorRegistry()
         self.m_messages = Counter("reidfleet_fleet_messages_total", "MQTT messages received", ["kind"],
@@ -93,6 +94,7 @@ class FleetManager:
             log.error("broker refused the manager: %s", reason_code)
             return
         client.subscribe([(f"{MQTT_ROOT}/devices/+/{leaf}", 1) for leaf in _PAYLOADS])
+        self._resync = True  # the loop re-publishes retained state: the broker may have lost it
         self.connected.set()
         log.info("manager connected to %s:%d", self.mqtt_host, self.mqtt_port)
 
@@ -148,17 +150,26 @@ class FleetManager:
             self.m_campaigns.labels(r["state"]).set(r["n"])
 
     def _loop(self) -> None:
-        republished = False
         while not self._stop.wait(self.tick_s):
             try:
-                if self.connected.is_set() and not republished:
-                    n = self.rollouts.republish_in_flight()
-                    republished = True
-                    if n:
-                        log.info("re-published %d in-flight OTA jobs after start", n)
+                if self.connected.is_set() and self._resync:
+                    self._resync = False
+                    self._republish()
                 self.tick()
             except Exception:
                 log.exception("manager tick failed")
+
+    def _republish(self) -> None:
+        """After every (re)connect, publish each device's desired config and in-flight OTA jobs again
+        (retained). A broker killed before its autosave loses retained messages (found by
+        tests/system/test_mqtt_restart.py), and a device booting then would get no config at all. Agents
+        answer a version they already applied by re-reporting it, so this never re-applies anything."""
+        desired = self.shadows.all_desired()
+        for device_id, d in desired:
+            self.publish_desired(device_id, d)
+        n = self.rollouts.republish_in_flight()
+        if desired or n:
+            log.info("re-published %d desired configs and %d in-flight OTA jobs after connecting", len(desired), n)
 
     def health(self) -> dict[str, Any]:
         return {"ok": self.connected.is_set(), "broker": f"{self.mqtt_host}:{self.mqtt_port}",
