@@ -1,0 +1,106 @@
+"""`just soak`: ``--minutes`` (default 20) at 80 % of the sustained load, memory of every process over time.
+
+The load is ``--fraction`` (0.8) of ``cameras`` in results/bench-load.json (or ``--cameras``), played from
+the replay recordings into the same rig as bench-load (tansu, one server process, result reader, player
+processes). Every ``--sample-s`` the RSS of the server, the broker, this process and the players, the
+backlog (frames sent minus frames with a result) and latency are recorded. A leak shows as RSS that keeps
+growing after the first minutes (``growth_after_warmup``: end minus the value at 20 % of the run).
+Writes results/soak.json and .png; last line ``RESULT soak minutes=.. cameras=.. server_rss_growth_mb=..``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.bench_load import RESULTS, Rig
+from benchmarks.replay import DEFAULT_DIR, ensure_recordings
+
+
+def main(argv: list[str] | None = None) -> int:
+    from common.logs import setup_logging
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.soak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--assets", default=None)
+    p.add_argument("--recordings", type=Path, default=DEFAULT_DIR)
+    p.add_argument("--minutes", type=float, default=20.0)
+    p.add_argument("--cameras", type=int, default=0, help="0 = fraction x cameras of results/bench-load.json")
+    p.add_argument("--fraction", type=float, default=0.8)
+    p.add_argument("--fps", type=float, default=15.0)
+    p.add_argument("--players", type=int, default=1)
+    p.add_argument("--server-config", default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
+    a = p.parse_args(argv)
+    setup_logging("soak", "WARNING")
+    cameras = a.cameras
+    if not cameras:
+        load = json.loads((RESULTS / "bench-load.json").read_text())
+        cameras = max(1, int(load["cameras"] * a.fraction))
+    ensure_recordings(a.assets, a.recordings)
+    with tempfile.TemporaryDirectory(prefix="reidfleet-soak-") as tmp:
+        rig = Rig(a, Path(tmp))
+        try:
+            with rig.reader.lock:
+                start = len(rig.reader.samples)
+            run = rig.play("soak", cameras, a.minutes * 60)
+            drained = rig.drain("soak", run["sent"], 120)
+            with rig.reader.lock:
+                samples = rig.reader.samples[start:]
+        finally:
+            rig.close()
+    series = run["series"]
+    procs = sorted({k for s in series for k in s["rss"]})
+    memory: dict[str, dict[str, Any]] = {}
+    for name in procs:
+        vals = [s["rss"][name] for s in series if s["rss"].get(name)]
+        if not vals:
+            continue
+        warm = vals[int(len(vals) * 0.2)]
+        memory[name] = {"start_mb": round(vals[0] / 2**20, 1), "end_mb": round(vals[-1] / 2**20, 1),
+                        "peak_mb": round(max(vals) / 2**20, 1),
+                        "growth_after_warmup_mb": round((vals[-1] - warm) / 2**20, 1)}
+    lat = [lt for _t, lt in samples]
+    result = {"bench": "soak", "minutes": a.minutes, "cameras": cameras, "fps": a.fps, "sent": run["sent"],
+              "drained": drained, "max_backlog_frames": max((s["backlog"] for s in series), default=0),
+              "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1) if lat else None,
+              "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 1) if lat else None,
+              "memory": memory, "series": series}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(result, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ts = [s["t"] / 60 for s in series]
+    for name in memory:
+        ax1.plot(ts, [(s["rss"].get(name) or 0) / 2**20 for s in series], label=name)
+    ax1.set_xlabel("minutes")
+    ax1.set_ylabel("RSS (MiB)")
+    ax1.legend(fontsize=8)
+    ax1.set_title(f"memory, {cameras} cameras at {a.fps:g} FPS")
+    ax2.plot(ts, [s["backlog"] for s in series], color="tab:orange")
+    ax2.set_xlabel("minutes")
+    ax2.set_ylabel("backlog (frames sent - results)")
+    ax2.set_title("backlog")
+    fig.tight_layout()
+    fig.savefig(a.out.with_suffix(".png"), dpi=110)
+    plt.close(fig)
+    srv = memory.get("server", {})
+    print(f"RESULT soak minutes={a.minutes:g} cameras={cameras} drained={drained} "
+          f"server_rss_start_mb={srv.get('start_mb')} server_rss_end_mb={srv.get('end_mb')} "
+          f"server_rss_peak_mb={srv.get('peak_mb')} server_rss_growth_mb={srv.get('growth_after_warmup_mb')} "
+          f"p95_ms={result['p95_ms']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
