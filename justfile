@@ -113,11 +113,11 @@ dashboard-seed mode="pipeline" *ARGS:
     python -m dashboard.seed {{mode}} {{ARGS}}
 
 # load: the most cameras one server process sustains (real appliance output replayed at 15 FPS), capture → reid_output p50/p95 → results/bench-load.{json,png} (--step-s 120 for the real measurement)
-bench-load assets=assets *ARGS:
+bench-load *ARGS:
     python -m benchmarks.bench_load --assets {{assets}} {{ARGS}}
 
 # soak (slow): 20 min at 80 % of the sustained load from results/bench-load.json; RSS start/end/peak of every process → results/soak.{json,png}
-soak assets=assets *ARGS:
+soak *ARGS:
     python -m benchmarks.soak --assets {{assets}} {{ARGS}}
 
 # record real appliance output on the shared videos for the load tools (var/replay, gitignored)
