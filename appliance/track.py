@@ -72,7 +72,13 @@ class Tracker:
                 minimum_consecutive_frames=cfg.minimum_consecutive_frames,
             )
         if cfg.backend == "supervision":
-            import supervision as sv
+            try:
+                import supervision as sv
+            except ImportError as exc:
+                raise ImportError(
+                    "tracker backend 'supervision' needs supervision==0.30.0 (not in the appliance image); "
+                    "use tracker.backend: reidfleet"
+                ) from exc
 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # sv.ByteTrack is deprecated in 0.30; we pin it on purpose
