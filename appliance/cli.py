@@ -59,6 +59,21 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the real-time loop until the video ends or SIGTERM/SIGINT")
     common(run)
     run.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING")
+    run.add_argument(
+        "--bundle", type=Path, default=None,
+        help="device bundle from `fleet device add` (bundle.json): joins the fleet over MQTT (status, "
+        "telemetry, live config, signed OTA model updates). Its device id, Kafka address and camera URL "
+        "override the config file; --set still wins.",
+    )
+    run.add_argument(
+        "--data-dir", type=Path, default=Path("var/appliance"),
+        help="writable folder for model slots, OTA journal and agent state (default var/appliance)",
+    )
+    run.add_argument(
+        "--probe-image", type=Path, default=None,
+        help="image with people for the OTA health check (default: none -> the model must parse and "
+        "keep its FPS floor; with an image it must also find the people in it)",
+    )
     chk = sub.add_parser("check-config", help="validate a config; print each problem with its key path")
     common(chk)
     show = sub.add_parser("print-config", help="print the effective config (defaults + file + --set) as YAML")
@@ -79,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if getattr(args, "bundle", None):
+            args.set = _bundle_overrides(args.bundle) + args.set
         cfg = _load(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -90,10 +107,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "print-config":
         print(dump_yaml(cfg), end="")
         return 0
-    return _run(cfg, args.log_level)
+    return _run(cfg, args.log_level, args.bundle, args.data_dir, args.probe_image)
 
 
-def _run(cfg, log_level: str | None) -> int:  # type: ignore[no-untyped-def]
+def _bundle_overrides(path: Path) -> list[str]:
+    """The bundle's identity and endpoints as ``--set`` items (so the same validation applies)."""
+    from appliance.agent import load_bundle
+
+    try:
+        bundle = load_bundle(path)
+    except Exception as exc:
+        raise ConfigError(str(path), [f"device bundle unusable: {exc}"]) from None
+    sets = [f"device_id={bundle.device_id}", f"kafka.bootstrap={bundle.kafka.bootstrap}"]
+    if bundle.camera_url:
+        sets.append(f"source.url={bundle.camera_url}")
+    return sets
+
+
+def _run(cfg, log_level: str | None, bundle_path: Path | None = None,  # type: ignore[no-untyped-def]
+         data_dir: Path = Path("var/appliance"), probe_image: Path | None = None) -> int:
     from appliance.detect.base import ModelLoadError
     from appliance.pipeline import Pipeline
     from appliance.publish import SpoolError
@@ -103,16 +135,36 @@ def _run(cfg, log_level: str | None) -> int:  # type: ignore[no-untyped-def]
 
     setup_logging("appliance", log_level)
     stop = StopSignal()
+    agent = installer = None
+    if bundle_path is not None:
+        # OTA owns the model: recover an interrupted update, seed slot-a from the shipped model on
+        # first boot, then load whatever `current` points at.
+        from appliance.agent import FleetAgent, load_bundle
+        from appliance.ota import DetectorHealthCheck, IrParseCheck, OtaInstaller
+
+        bundle = load_bundle(bundle_path)
+        checker = DetectorHealthCheck(probe_image) if probe_image else IrParseCheck()
+        installer = OtaInstaller(data_dir, bundle.fleet_public_key_pem, checker)
+        installer.recover()
+        installer.seed(Path(cfg.detector.model_dir))
+        cfg = cfg.model_copy(update={"detector": cfg.detector.model_copy(
+            update={"model_dir": installer.current_dir()})})
+        agent = FleetAgent(bundle, None, installer, data_dir)  # type: ignore[arg-type]
     pipeline = Pipeline(cfg, stop.event)
     code = 0
     try:
         pipeline.start()
+        if agent is not None and installer is not None:
+            agent.control = installer.control = pipeline
+            agent.start()
         pipeline.run()
     except (SourceError, ModelLoadError, SpoolError, ValueError, OSError) as exc:
         log.error("appliance stopped: %s", exc)
         print(f"error: {exc}", file=sys.stderr)
         code = 1
     finally:
+        if agent is not None:
+            agent.stop()  # retained "offline" before the loop goes away
         stopper = threading.Thread(target=pipeline.close, name="shutdown", daemon=True)
         stopper.start()
         stopper.join()
