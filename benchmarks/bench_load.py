@@ -7,7 +7,7 @@ side). A reader consumes reid_output and times each result: latency = time the r
 the frame's capture stamp (set when the player sends it, as a camera would).
 
 Each step plays N cameras for ``--step-s`` seconds. "Sustained" = the backlog (frames sent minus frames
-with a result) stays bounded: over the second half of the step it grows by less than 2 % of the input
+with a result) stays bounded: over the second half of the step it grows by less than 5 % of the input
 rate, and it never exceeds 3 s of input. The backlog is counted end to end from what was sent and what
 came out, not from broker watermarks (tansu reports wrong high watermarks). N doubles from ``--start``
 until a step fails, then bisects. Between steps the server drains its backlog.
@@ -240,7 +240,7 @@ def judge(run: dict[str, Any], cameras: int, fps: float, window: tuple[float, fl
     max_backlog = max((s["backlog"] for s in half), default=0)
     lat = [lt for (t, lt) in run["samples"] if window[0] <= t <= window[1]]
     behind = max((s["behind_s"] for s in series), default=0.0)
-    ok = slope <= 0.02 * rate and max_backlog <= 3 * rate and bool(lat)
+    ok = slope <= 0.05 * rate and max_backlog <= 3 * rate and bool(lat)
     return {"cameras": cameras, "input_frames_per_s": rate, "sustained": ok, "backlog_slope_per_s": round(slope, 2),
             "max_backlog_frames": max_backlog, "player_behind_max_s": round(behind, 3),
             "results_per_s": round(len(lat) / max(window[1] - window[0], 1e-6), 1),
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "bench": "bench-load", "device": a.device, "fps": a.fps, "step_s": a.step_s,
         "cameras": best["cameras"] if best else 0, "p50_ms": best["p50_ms"] if best else None,
         "p95_ms": best["p95_ms"] if best else None,
-        "criterion": "backlog over the second half of a step grows < 2 % of the input rate and stays < 3 s of "
+        "criterion": "backlog over the second half of a step grows < 5 % of the input rate and stays < 3 s of "
                      "input; drained within drain_s after the step",
         "recordings": [{"name": r.name, "frames": len(r.frames), "crops": r.crops} for r in recs],
         "peer": {"name": "reference thesis server", "frames_per_s": THESIS_FRAMES_PER_S,
