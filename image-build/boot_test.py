@@ -152,7 +152,7 @@ class Qemu:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def powerdown(self, timeout_s: float = 90.0) -> bool:
+    def powerdown(self, timeout_s: float = 150.0) -> bool:
         """ACPI power button via the monitor, then wait: a kill would lose the last writes to /var."""
         if not self.alive():
             return True
@@ -243,7 +243,9 @@ def run(image: Path, *, workdir: Path, boot_timeout_s: float, frames_timeout_s: 
         bundle = make_bundle(broker.port, workdir) if with_bundle else None
         disk = workdir / "disk.img"
         log(f"copying {image.name} and writing the bundle to its REIDFLEET partition")
-        prepare_disk(image, disk, bundle, f"reidfleet.tcp_forward={broker.port}:{GUESTFWD_IP}:{broker.port}")
+        # show_status: unit start/stop lines on the serial log of this test copy (the release image is quiet)
+        prepare_disk(image, disk, bundle, f"reidfleet.tcp_forward={broker.port}:{GUESTFWD_IP}:{broker.port} "
+                     "systemd.show_status=1")
         qemu = Qemu(disk, workdir, {status_port: 80, health_port: 9108}, broker.port)
         t_start = time.monotonic()
         qemu.start()
@@ -291,6 +293,64 @@ def run(image: Path, *, workdir: Path, boot_timeout_s: float, frames_timeout_s: 
         broker.stop()
 
 
+def stage_slot_b(disk: Path, update_dir: Path, tries: int = 3) -> str:
+    """Do on the host copy what the on-device A/B updater does (reidfleet_boot.install_os_update): root.img
+    into reidfleet-root-b, kernel + initrd into ESP/reidfleet/b, a newer loader entry with a boot counter."""
+    sys.path.insert(0, str(HERE / "overlay" / "usr" / "lib" / "reidfleet"))
+    import reidfleet_boot as rb
+
+    manifest = json.loads((update_dir / "manifest.json").read_text())
+    build_id = str(int(manifest["build_id"]) + 1)
+    parts = partitions(disk)
+    off_b, size_b = parts["reidfleet-root-b"]
+    root = update_dir / "root.img"
+    if root.stat().st_size > size_b:
+        raise ValueError("root.img does not fit slot b")
+    with open(disk, "r+b") as dst, open(root, "rb") as src:
+        dst.seek(off_b)
+        shutil.copyfileobj(src, dst, 4 << 20)
+    esp = parts["ESP"][0]
+    for name in ("vmlinuz", "initrd.img"):
+        mtools(["mcopy", "-o", "-i", "IMG", str(update_dir / name), f"::/reidfleet/b/{name}"], disk, esp)
+    name, text = rb.render_loader_entry("b", f"{manifest['version']}-ab", build_id, tries)
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(text.encode())
+        f.flush()
+        mtools(["mcopy", "-o", "-i", "IMG", f.name, f"::/loader/entries/{name}"], disk, esp)
+    return name
+
+
+def loader_entries(disk: Path) -> list[str]:
+    esp = partitions(disk)["ESP"][0]
+    out = mtools(["mdir", "-b", "-i", "IMG", "::/loader/entries"], disk, esp).decode().split()
+    return sorted(n.rsplit("/", 1)[-1] for n in out)
+
+
+def run_ab(image: Path, *, workdir: Path, boot_timeout_s: float) -> dict[str, Any]:
+    """Slot B written as an update with a +3 boot counter: it must boot first and be blessed (counter gone)."""
+    update_dir = image.parent / "update"
+    disk = workdir / "disk.img"
+    prepare_disk(image, disk, None, "systemd.show_status=1")
+    staged = stage_slot_b(disk, update_dir)
+    result: dict[str, Any] = {"staged_entry": staged, "entries_before": loader_entries(disk)}
+    status_port = free_port()
+    qemu = Qemu(disk, workdir, {status_port: 80}, None)
+    t0 = time.monotonic()
+    qemu.start()
+    try:
+        got = wait_for("the status page on slot b", lambda: http_json(f"http://127.0.0.1:{status_port}/status.json"),
+                       boot_timeout_s, qemu)
+        result["slot"] = got[1].get("slot")
+        result["status_page_s"] = round(time.monotonic() - t0, 1)
+        log(f"booted slot {result['slot']} after {result['status_page_s']}s; waiting for boot-complete + bless")
+        time.sleep(60)  # reidfleet-boot-check, boot-complete.target, systemd-bless-boot
+    finally:
+        result["clean_poweroff"] = qemu.powerdown()
+    result["entries_after"] = loader_entries(disk)
+    disk.unlink(missing_ok=True)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image", type=Path, default=HERE / "out" / "reidfleet-appliance.img")
@@ -300,12 +360,23 @@ def main() -> int:
     ap.add_argument("--frames", type=int, default=2)
     ap.add_argument("--results", type=Path, default=REPO / "results" / "image.json")
     ap.add_argument("--no-bundle", action="store_true", help="boot without a bundle: expect waiting_for_bundle")
+    ap.add_argument("--ab", action="store_true", help="A/B: stage out/update as slot b, boot it, check it is blessed")
     args = ap.parse_args()
     if not args.image.exists():
         print(f"error: no image at {args.image}; run `just image` first", file=sys.stderr)
         return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="reidfleet-image-test-"))
     workdir.mkdir(parents=True, exist_ok=True)
+    if args.ab:
+        res = run_ab(args.image.resolve(), workdir=workdir, boot_timeout_s=args.boot_timeout_s)
+        from report import merge
+
+        merge(args.results, "boot_ab", res)
+        print(json.dumps(res, indent=2))
+        ok = res["slot"] == "b" and any(e.endswith("-b.conf") for e in res["entries_after"])
+        print(f"RESULT image_ab ok={ok} slot={res['slot']} status_page_s={res['status_page_s']} "
+              f"entries_after={','.join(res['entries_after'])}")
+        return 0 if ok else 1
     try:
         res = run(args.image.resolve(), workdir=workdir, boot_timeout_s=args.boot_timeout_s,
                   frames_timeout_s=args.frames_timeout_s, want_frames=args.frames, with_bundle=not args.no_bundle)
@@ -313,7 +384,8 @@ def main() -> int:
         print(f"FAILED: {exc}\n(logs in {workdir})", file=sys.stderr)
         return 1
     finally:
-        (workdir / "disk.img").unlink(missing_ok=True)
+        if args.workdir is None:  # a named work folder keeps the disk for a look at /var (journal) afterwards
+            (workdir / "disk.img").unlink(missing_ok=True)
     from report import chart, merge
 
     ok = args.no_bundle or res.get("frames_received", 0) >= args.frames

@@ -71,6 +71,17 @@ say "modules: ${before} MiB -> $(du -sm "$kdir" | cut -f1) MiB"
 say "initrd with the data-partition hook (grow, fsck, mount /var, machine-id)"
 in_root update-initramfs -u -k all >/dev/null 2>&1 || in_root update-initramfs -u -k all
 
+say "release checks: no password login, no console shell, no ssh"
+root_pw="$(awk -F: '$1 == "root" {print $2}' "$root/etc/shadow")"
+case "$root_pw" in '!'*|'*'*) ;; *) echo "release check failed: root has a usable or empty password" >&2; exit 1 ;; esac
+if awk -F: '$2 == "" {found=1} END {exit !found}' "$root/etc/shadow"; then
+  echo "release check failed: an account with an empty password" >&2; exit 1
+fi
+for unit in getty@.service serial-getty@.service console-getty.service debug-shell.service; do
+  [ "$(readlink "$root/etc/systemd/system/$unit")" = /dev/null ] || { echo "release check failed: $unit not masked" >&2; exit 1; }
+done
+[ ! -e "$root/usr/sbin/sshd" ] || { echo "release check failed: an ssh server is installed" >&2; exit 1; }
+
 say "trim: apt lists, caches"
 rm -rf "$root/var/lib/apt/lists/"* "$root/var/cache/debconf/"*-old "$root/usr/share/doc-base"
 find "$root/opt/reidfleet/venv" -name '__pycache__' -prune -o -name '*.pyi' -print -delete >/dev/null 2>&1 || true
