@@ -748,10 +748,7 @@ class Publisher:
             if self._producer is None:
                 return
             if self._recreate:
-                self._recreate = False
-                old, self._producer = self._producer, self._new_producer()
-                old.purge(in_queue=True, in_flight=True, blocking=False)
-                old.poll(0)
+                self._replace_producer()
             self._producer.poll(0)
             self.spool.maybe_fsync()
             if not self._direct and not self._replaying and time.monotonic() >= self._next_probe:
@@ -761,6 +758,10 @@ class Publisher:
             with self._lock:
                 self._next_probe = time.monotonic() + self.kcfg.probe_interval_s
                 if ready and not self._direct and not self._replaying:
+                    # A fresh producer for every replay round: the old one may hold idempotence state
+                    # (producer id, sequence numbers) that a restarted broker no longer knows, and then
+                    # every message times out instead of failing fast (seen with tansu restarts).
+                    self._replace_producer()
                     self._replaying = True
                     self._generation += 1
                     self.spool.rewind()
@@ -770,6 +771,19 @@ class Publisher:
                 self._fill_replay()
                 self._producer.poll(0)
             self._update_gauges()
+
+    def _replace_producer(self) -> None:
+        """Swap in a new producer; the old one's queue is purged (everything unacknowledged is in the
+        spool or about to be rewound, so nothing is lost)."""
+        self._recreate = False
+        assert self._producer is not None
+        if self._replaying:
+            self._abort_replay("producer replaced")
+        old, self._producer = self._producer, self._new_producer()
+        self._generation += 1  # reports from the old producer belong to an old round
+        old.purge(in_queue=True, in_flight=True, blocking=False)
+        old.poll(0)
+        old.flush(0)
 
     def _pump_loop(self) -> None:
         while not self._stop.wait(0.02):
