@@ -81,6 +81,7 @@ image assets=assets:
 # boot the built image under qemu (TCG) and check status page, health and Kafka delivery from the host → results/image.json
 image-test *ARGS:
     python image-build/boot_test.py {{ARGS}}
+    python image-build/boot_test.py --ab
 
 # check the production deployment files offline (compose render, kustomize + Kubernetes schemas, linters, topic settings)
 deploy-check:
