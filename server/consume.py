@@ -18,7 +18,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -75,6 +75,16 @@ class Item:
     record: dict[str, Any] | None = None
     crops: list[DecodedCrop] = field(default_factory=list)
     error: tuple[str, str] | None = None  # (error_type, reason) → dead letter
+
+
+@dataclass
+class Prepared:
+    """A batch after decode, embed and gender: what :meth:`ReidConsumer.finish` needs."""
+
+    ok: list[Item]
+    todo: list[tuple[int, DecodedCrop]]
+    embs: np.ndarray
+    males: np.ndarray | None
 
 
 class ReidConsumer:
@@ -159,13 +169,40 @@ class ReidConsumer:
         """Consume until the stop event is set; always closes the consumer (committing stored offsets)."""
         self.consumer.subscribe([self.cfg.kafka.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
-            while not self.stop.is_set():
-                items = self._collect()
-                if items:
-                    self.process(items)
-                self._update_lag()
+            if self.cfg.batch.overlap:
+                self._run_overlapped()
+            else:
+                while not self.stop.is_set():
+                    items = self._collect()
+                    if items:
+                        self.process(items)
+                    self._update_lag()
         finally:
             self.close()
+
+    def _run_overlapped(self) -> None:
+        """Two-stage pipeline: batch k+1 is decoded and embedded in one worker thread while batch k is
+        matched, stored and produced here. At most one prepared batch waits (bounded queue of 1), and
+        batches are finished strictly in order on this thread, so offsets are still stored in order and
+        only after their batch's SQL commit. Why: on a GPU box decode+embed and match+SQL each cost
+        about as much as the other; overlapping them hides the smaller one (cv2 and torch drop the GIL)."""
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        inflight: tuple[list[Item], Future[Prepared]] | None = None
+        try:
+            while not self.stop.is_set():
+                items = self._collect()
+                nxt = (items, worker.submit(self.prepare, items)) if items else None
+                if inflight is not None:
+                    self.finish(inflight[0], inflight[1].result())
+                inflight = nxt
+                self._update_lag()
+            if inflight is not None:  # stopping: finish what was already taken (or it is simply redelivered)
+                self.finish(inflight[0], inflight[1].result())
+                inflight = None
+        finally:
+            if inflight is not None:  # an error in finish: let the prepare end; its batch is redelivered
+                inflight[1].exception()
+            worker.shutdown(wait=True)
 
     def close(self) -> None:
         try:
@@ -233,6 +270,12 @@ class ReidConsumer:
 
     # --- one batch -------------------------------------------------------------------------
     def process(self, items: Sequence[Item]) -> None:
+        """One batch, start to end (the overlapped loop calls the two halves on two threads)."""
+        self.finish(items, self.prepare(items))
+
+    def prepare(self, items: Sequence[Item]) -> Prepared:
+        """Decode, embed and gender of one batch: touches no matcher, store or consumer state, so it may run
+        on a worker thread while the previous batch is finished."""
         m = self.metrics
         t0 = time.perf_counter()
         ok = [it for it in items if it.record is not None]
@@ -254,7 +297,13 @@ class ReidConsumer:
         males = self.gender.male_probability(images) if (self.gender is not None and images) else None
         t3 = time.perf_counter()
         m.stage.labels("gender").observe(t3 - t2)
+        return Prepared(ok, todo, embs, males)
 
+    def finish(self, items: Sequence[Item], prep: Prepared) -> None:
+        """Match, store, produce, then store offsets: always on the consumer's own thread, batch after batch."""
+        m = self.metrics
+        ok, todo, embs, males = prep.ok, prep.todo, prep.embs, prep.males
+        t3 = time.perf_counter()
         self.matcher.prefetch({(it.record["device_id"], it.record["camera_id"], int(tid))  # type: ignore[index]
                                for it in ok for tid in _track_ids(it.record)})
         per_item: dict[int, list[tuple[DecodedCrop, np.ndarray, float | None]]] = {}
