@@ -292,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gender", default="soft", choices=["off", "filter", "soft"])
     ap.add_argument("--name", default="bench-server", help="results/<name>.json (bench-server-gpu on the GPU box)")
     ap.add_argument("--out", default="results")
+    ap.add_argument("--no-overlap", action="store_true", help="batch.overlap off (decode+embed not overlapped)")
     a = ap.parse_args(argv)
 
     import cv2
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         gender = build_gender(IntelGenderConfig(), assets=a.assets)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"embedder": {"type": a.embedder}, "gender": {"mode": a.gender}, "assets": a.assets,
-               "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50}}
+               "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50, "overlap": not a.no_overlap}}
         res["pipeline"] = bench_pipeline(cfg, jpegs, Path(tmp) / "real", embedder, gender, n_crops=a.crops,
                                          vectors=a.vectors)
         print(f"  whole consumer: {res['pipeline']['crops_s']:.0f} crops/s, stages {res['pipeline']['stage_seconds']}",
