@@ -619,7 +619,9 @@ def cmd_run_appliance(args: argparse.Namespace) -> int:
     outage does not (the endpoint still answers, with ok=false, while the appliance spools)."""
     cmd = [sys.executable, "-m", "appliance", "run", "--config", args.config]
     if args.bundle and Path(args.bundle).is_file() and _appliance_takes_bundle():
-        cmd += ["--bundle", args.bundle]  # the fleet agent (MQTT, OTA) runs in the appliance process
+        # The fleet agent (MQTT, OTA) runs in the appliance process; its model slots are the ones provisioning
+        # seeded on the data partition (<data-dir>/models/current).
+        cmd += ["--bundle", args.bundle, "--data-dir", str(Path(args.config).parent)]
     child = subprocess.Popen(cmd)
 
     def forward(signum: int, _frame: Any) -> None:
