@@ -10,6 +10,8 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,9 +36,20 @@ def image() -> Path:
     return IMAGE.resolve()
 
 
-def test_boots_provisions_and_delivers_frames_to_host_kafka(image: Path, tmp_path: Path) -> None:
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """Own temp folder: pytest prunes old basetemp roots when other pytest sessions start on a shared
+    machine, which would pull the disk copy from under a boot that takes minutes."""
+    d = Path(tempfile.mkdtemp(prefix="reidfleet-image-test-"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def test_boots_provisions_and_delivers_frames_to_host_kafka(image: Path, workdir: Path) -> None:
     # Under TCG the INT8 detector takes tens of seconds a frame: two frames prove the path end to end.
-    res = boot_test.run(image, workdir=tmp_path, boot_timeout_s=900, frames_timeout_s=600, want_frames=2)
+    res = boot_test.run(image, workdir=workdir, boot_timeout_s=900, frames_timeout_s=600, want_frames=2)
     from report import merge
 
     merge(ROOT / "results" / "image.json", "boot", res)
@@ -50,15 +63,15 @@ def test_boots_provisions_and_delivers_frames_to_host_kafka(image: Path, tmp_pat
     assert res["clean_poweroff"], "the VM did not power off on the ACPI button within 150 s"
 
 
-def test_without_bundle_it_says_so_on_the_status_page(image: Path, tmp_path: Path) -> None:
-    res = boot_test.run(image, workdir=tmp_path, boot_timeout_s=900, frames_timeout_s=0, want_frames=0,
+def test_without_bundle_it_says_so_on_the_status_page(image: Path, workdir: Path) -> None:
+    res = boot_test.run(image, workdir=workdir, boot_timeout_s=900, frames_timeout_s=0, want_frames=0,
                         with_bundle=False)
     assert res["state"] == "waiting_for_bundle"
     assert "bundle" in res["message"]
 
 
-def test_ab_update_slot_b_boots_first_and_is_blessed(image: Path, tmp_path: Path) -> None:
-    res = boot_test.run_ab(image, workdir=tmp_path, boot_timeout_s=900)
+def test_ab_update_slot_b_boots_first_and_is_blessed(image: Path, workdir: Path) -> None:
+    res = boot_test.run_ab(image, workdir=workdir, boot_timeout_s=900)
     assert res["slot"] == "b", res
     staged = res["staged_entry"]
     assert "+3" in staged
