@@ -89,6 +89,9 @@ def test_mosquitto_sigkill_restart_with_a_real_pipeline(fleet: FleetKit, kafka_b
         crash_and_restart(fleet)  # within mosquitto's autosave interval of the v1 publish
         wait_for(lambda: agent.connects >= 2 and agent.connected.is_set() and manager.connected.is_set(), 60,
                  "agent and manager reconnect")
+        # The manager re-publishes desired configs on every reconnect: wait for that, don't race it.
+        wait_for(lambda: (retained_desired(fleet, "cam-1") or {}).get("version") == 1, 30,
+                 "retained desired v1 back on the broker")
         kept = retained_desired(fleet, "cam-1")
         assert kept is not None and kept["version"] == 1, f"retained desired lost in the crash: {kept}"
 
