@@ -109,6 +109,8 @@ def test_mosquitto_sigkill_restart_with_a_real_pipeline(fleet: FleetKit, kafka_b
 
         crash_and_restart(fleet)  # v2 re-delivered on reconnect: re-reported, not re-applied
         wait_for(lambda: agent.connects > n_connects and agent.connected.is_set(), 60, "reconnect")
+        wait_for(lambda: (retained_desired(fleet, "cam-1") or {}).get("version") == 2, 30,
+                 "retained desired v2 back on the broker")
         kept = retained_desired(fleet, "cam-1")
         assert kept is not None and kept["version"] == 2, kept
         dev = wait_for(lambda: (d := inv.get("cam-1")) and d["state"] == "online" and d["telemetry"]
