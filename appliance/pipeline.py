@@ -304,6 +304,11 @@ class Pipeline:
         self.stop.set()
         if self.source is not None:
             self.source.close()
+        # When run() is on another thread, let it finish its in-flight frames (the stop event ends
+        # the feed) before the publisher and detector go away under it.
+        deadline = time.monotonic() + 15.0
+        while self._running and time.monotonic() < deadline:
+            time.sleep(0.02)
         self.publisher.close()
         with self._lock:
             pending, self._pending_detector = self._pending_detector, None
