@@ -257,7 +257,10 @@ class OtaInstaller:
             model_id, version = model_id or manifest.model_id, version or manifest.version
         slot = SLOTS[0]
         staging = self.root / (slot + ".tmp")
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging.is_symlink() or staging.is_file():
+            staging.unlink()  # rmtree refuses links; a leftover of any kind must not block first boot
+        elif staging.exists():
+            shutil.rmtree(staging)  # errors surface here, not as a confusing FileExistsError below
         shutil.copytree(factory_dir, staging)
         write_json_atomic(staging / INSTALLED, {"model_id": model_id or factory_dir.name,
                                                 "version": version or "factory", "sha256": "",
