@@ -49,6 +49,9 @@ class BatchSettings(StrictModel):
     max_messages: int = Field(2_000, ge=1, le=100_000)
     max_wait_ms: float = Field(50.0, ge=0.0, le=10_000.0, description="Latency deadline of a batch.")
     decode_threads: int = Field(0, ge=0, le=256, description="JPEG decode threads (0 = allowed CPUs).")
+    gpu_jpeg: bool = Field(True, description="When the embedder runs on CUDA with nvJPEG and gender is off, hand "
+                           "it the JPEG bytes (decoded and resized on the GPU) instead of decoding on the CPU; "
+                           "a batch with a crop nvJPEG rejects is redone on the CPU path.")
     overlap: bool = Field(False, description="Decode and embed the next batch in a worker thread while this one is "
                           "matched and stored (offsets are still stored strictly in batch order).")
 

@@ -4,6 +4,13 @@ Why per track: one query per new track (or per clearly better crop), never per f
 store off the hot path, and a quality-weighted mean of several crops is a steadier descriptor than
 any single crop.
 
+Batches: the consumer resolves every detection of a batch to its track first (:meth:`track_for`),
+folds each track's crops of the batch into it (:meth:`add_crops`), then :meth:`match_batch` decides
+the tracks in order of their first crop with ONE batched gallery search (a matrix product, not a
+query per track). Decisions inside a batch still see each other: a track also compares against the
+prototypes that earlier tracks of the same batch wrote (one small product of the batch's fused
+vectors with themselves), so two cameras' views of a new person in one batch still get one id.
+
 Determinism on redelivery (at-least-once Kafka): a track's uid is uuid5 of (device, camera, local id,
 first capture time), a new identity's id is uuid5 of its founding track's uid, and a prototype's point
 id is its track's uid. Before matching, a track looks for itself in the analytics store and then in
@@ -17,7 +24,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +32,7 @@ import numpy as np
 
 from server.config import GenderSettings, IdentitySettings
 from server.store import AnalyticsStore, BatchWrite, pick_track, prototype_row
-from server.vectors.base import Prototype, VectorStore
+from server.vectors.base import Neighbour, Prototype, VectorStore
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +98,10 @@ class IdentityState:
     male_n: int = 0
     n_tracks: int = 0
     prototypes: dict[str, int] = field(default_factory=dict)  # point id (track uid) -> last_seen_us
-    # track uid -> (camera, last_seen_us) of tracks currently following this identity
-    active: dict[str, tuple[tuple[str, str], int]] = field(default_factory=dict)
+    # track uid -> (camera, first_seen_us, last_seen_us) of this identity's recent tracks, live or ended
+    # (ended ones stay until they are ``track_resume_gap_s`` old: a batch decides identities after it has
+    # seen its tracks end, and co-visibility is a question of time overlap, not of being live now)
+    active: dict[str, tuple[tuple[str, str], int, int]] = field(default_factory=dict)
 
     @property
     def male_probability(self) -> float | None:
@@ -122,6 +131,12 @@ class IdentityMatcher:
         self._co_gap_us = int(cfg.co_visible_gap_s * 1e6)
         self._last_expiry_us = 0
         self._stored: dict[tuple[str, str, int], list[dict[str, Any]]] = {}  # this batch's prefetched rows
+        # Rows change many times per batch (every detection moves last_seen); they are built once, at
+        # the end of the batch, by write_rows().
+        self._dirty_tracks: dict[str, TrackState] = {}
+        self._dirty_identities: dict[str, IdentityState] = {}
+        self._gone_points: set[str] = set()  # prototypes deleted during the current match_batch
+        self._gone_identities: set[str] = set()
         self.stats = {"matched": 0, "new": 0, "merged": 0, "resumed": 0, "expired": 0, "queries": 0}
         for row in store.live_identities():
             self.identities[row["global_id"]] = IdentityState(
@@ -183,7 +198,7 @@ class IdentityMatcher:
         if t.global_id is not None:
             ident = self._identity(t.global_id, at_us)
             ident.last_seen_us = max(ident.last_seen_us, at_us)
-            ident.active[t.track_uid] = (t.camera, t.last_seen_us)
+            ident.active[t.track_uid] = (t.camera, t.first_seen_us, t.last_seen_us)
             if t.track_uid in ident.prototypes:
                 ident.prototypes[t.track_uid] = max(ident.prototypes[t.track_uid], at_us)
             self._write_identity(ident, batch)
@@ -197,44 +212,109 @@ class IdentityMatcher:
                 return
             batch.tracks[row["track_uid"]] = {**row, "ended": True}
             return
-        t.ended = True
-        if t.global_id is not None and t.global_id in self.identities:
-            self.identities[t.global_id].active.pop(t.track_uid, None)
+        t.ended = True  # its entry in its identity's ``active`` stays until it is old (see expire)
         self._write_track(t, batch)
 
-    # --- crops -----------------------------------------------------------------------------
+    # --- crops ---------------------------------------------------------------------------
+    def add_crops(self, t: TrackState, embeddings: np.ndarray, male_probabilities: np.ndarray | None,
+                  qualities: np.ndarray) -> None:
+        """Fold a batch's crops of one track into its quality-weighted sums (no matching yet)."""
+        w = np.maximum(np.asarray(qualities, dtype=np.float32).reshape(-1), 0.05)
+        s = w @ np.asarray(embeddings, dtype=np.float32).reshape(len(w), -1)
+        t.emb_sum = s if t.emb_sum is None else t.emb_sum + s
+        t.weight += float(w.sum())
+        t.n_crops += len(w)
+        if male_probabilities is not None:
+            t.male_sum += float(w @ np.asarray(male_probabilities, dtype=np.float32).reshape(-1))
+            t.male_weight += float(w.sum())
+
     def add_crop(self, t: TrackState, embedding: np.ndarray, male_probability: float | None, quality: float,
                  at_us: int, batch: BatchWrite) -> Assignment:
-        """Fold one crop into the track, (re)match if needed, refresh the track's prototype."""
-        w = max(float(quality), 0.05)
-        emb = np.asarray(embedding, dtype=np.float32).reshape(-1)
-        t.emb_sum = emb * w if t.emb_sum is None else t.emb_sum + emb * w
-        t.weight += w
-        t.n_crops += 1
-        if male_probability is not None:
-            t.male_sum += w * float(male_probability)
-            t.male_weight += w
-        fused = t.fused()
-        assert fused is not None
-        if t.global_id is None:
-            a = self._assign(t, fused, at_us, batch)
-        elif (self.cfg.rematch_new_identities and t.founded
-              and self._identity(t.global_id, at_us).n_tracks <= 1):
-            a = self._rematch(t, fused, at_us, batch)
-        else:
-            a = Assignment(t.global_id, t.similarity or 0.0, t.founded)
-        self._put_prototype(t, fused, at_us, batch)
-        self._write_track(t, batch)
-        return a
+        """One crop, matched at once (tools and tests; the consumer batches with add_crops + match_batch)."""
+        self.add_crops(t, np.asarray(embedding, dtype=np.float32).reshape(1, -1),
+                       None if male_probability is None else np.array([male_probability], np.float32),
+                       np.array([quality], np.float32))
+        return self.match_batch([t], at_us, batch)[0]
 
-    def _assign(self, t: TrackState, fused: np.ndarray, at_us: int, batch: BatchWrite) -> Assignment:
-        own = self.vectors.retrieve([t.track_uid]).get(t.track_uid)
+    def match_batch(self, tracks: list[TrackState], at_us: int, batch: BatchWrite) -> list[Assignment]:
+        """Assign (or re-match) every track that got crops in this batch, in the given order, and refresh
+        their prototypes. ``at_us`` is the batch's latest capture time (identity bookkeeping only)."""
+        if not tracks:
+            return []
+        sums = np.stack([t.emb_sum for t in tracks]).astype(np.float32)  # type: ignore[misc]
+        fused = sums / np.maximum(np.linalg.norm(sums, axis=1, keepdims=True), 1e-12)
+        own = self.vectors.retrieve([t.track_uid for t in tracks if t.global_id is None])
+        may_query = [i for i, t in enumerate(tracks)
+                     if (t.global_id is None and t.track_uid not in own)
+                     or (t.global_id is not None and t.founded and self.cfg.rematch_new_identities)]
+        slot = {i: r for r, i in enumerate(may_query)}
+        c, bank = self.cfg.candidates, self.cfg.prototypes_per_identity
+        floor = self._score_floor()
+        pre = self.vectors.search_many(fused[may_query], c, bank, floor) if may_query else []
+        self.stats["queries"] += len(may_query)
+        inside = fused[may_query] @ fused.T if may_query else None  # (queries, tracks): the batch's own points
+        self._gone_points, self._gone_identities = set(), set()
+        written: set[str] = set()  # point ids the batch has rewritten so far (tracks[:i])
+        out: list[Assignment] = []
+        for i, t in enumerate(tracks):
+            r = slot.get(i)
+
+            def candidates(i: int = i, r: int | None = r) -> list[tuple[str, float]]:
+                assert r is not None and inside is not None
+                return self._merge_candidates(pre[r], inside[r, :i], tracks, written)
+
+            if t.global_id is None:
+                a = self._assign(t, own.get(t.track_uid), candidates, at_us, batch)
+            elif r is not None and t.founded and self._identity(t.global_id, at_us).n_tracks <= 1:
+                a = self._rematch(t, candidates, at_us, batch)
+            else:
+                a = Assignment(t.global_id, t.similarity or 0.0, t.founded)
+            self._put_prototype(t, fused[i], at_us, batch)
+            written.add(t.track_uid)
+            self._write_track(t, batch)
+            out.append(a)
+        return out
+
+    def _merge_candidates(self, gallery: list[Neighbour], inside: np.ndarray, tracks: list[TrackState],
+                          written: set[str]) -> list[tuple[str, float]]:
+        """The ``candidates`` best identities by cosine: the gallery as it was before the batch (minus
+        points the batch rewrote or deleted) plus the prototypes of the batch's earlier tracks."""
+        best: dict[str, float] = {}
+        for n in gallery:
+            if n.point_id in written or n.point_id in self._gone_points or n.global_id in self._gone_identities:
+                continue
+            if n.score > best.get(n.global_id, -2.0):
+                best[n.global_id] = n.score
+        if len(inside):
+            hits = np.flatnonzero(inside >= self._score_floor())
+            k = self.cfg.candidates * self.cfg.prototypes_per_identity
+            if len(hits) > k:
+                hits = hits[np.argpartition(-inside[hits], k - 1)[:k]]
+            for j in hits.tolist():
+                o = tracks[j]
+                if o.global_id is None or o.track_uid in self._gone_points or o.global_id in self._gone_identities:
+                    continue
+                score = float(inside[j])
+                if score > best.get(o.global_id, -2.0):
+                    best[o.global_id] = score
+        ranked = sorted(best.items(), key=lambda kv: -kv[1])
+        return ranked[: self.cfg.candidates]
+
+    def _score_floor(self) -> float:
+        """The lowest cosine that could still reach ``match_threshold``: lower candidates can never be
+        chosen, so searches leave them out (the soft gender term can add at most ``soft_weight`` times
+        the largest log-odds agreement)."""
+        bonus = self.gender.soft_weight * _agreement(1.0, 1.0) if self.gender.mode == "soft" else 0.0
+        return self.cfg.match_threshold - bonus
+
+    def _assign(self, t: TrackState, own: Prototype | None, candidates: Callable[[], list[tuple[str, float]]],
+                at_us: int, batch: BatchWrite) -> Assignment:
         if own is not None:  # redelivery: this track was already assigned by a run that did not commit
             gid, sim, new = own.global_id, float(own.payload.get("similarity", 1.0)), \
                 own.global_id == identity_id_for(t.track_uid)
             self.stats["resumed"] += 1
         else:
-            best = self._best_candidate(t, fused, exclude=None)
+            best = self._best_candidate(t, candidates(), exclude=None)
             if best is not None and best[1] >= self.cfg.match_threshold:
                 gid, sim, new = best[0], best[1], False
                 self.stats["matched"] += 1
@@ -244,18 +324,21 @@ class IdentityMatcher:
         self._join(t, gid, sim, new, at_us, batch)
         return Assignment(gid, sim, new)
 
-    def _rematch(self, t: TrackState, fused: np.ndarray, at_us: int, batch: BatchWrite) -> Assignment:
+    def _rematch(self, t: TrackState, candidates: Callable[[], list[tuple[str, float]]], at_us: int,
+                 batch: BatchWrite) -> Assignment:
         """A track alone in the identity it founded: does its better view now match someone known?"""
         assert t.global_id is not None
-        best = self._best_candidate(t, fused, exclude=t.global_id)
+        best = self._best_candidate(t, candidates(), exclude=t.global_id)
         if best is None or best[1] < self.cfg.match_threshold:
             return Assignment(t.global_id, t.similarity or 0.0, True)
         old = t.global_id
         old_ident = self.identities.pop(old, None)
         self.vectors.delete_identities([old])
+        self._gone_identities.add(old)
         self._drop_prototypes(old, batch)
         batch.merges[old] = best[0]
         batch.identities.pop(old, None)
+        self._dirty_identities.pop(old, None)
         t.global_id = None
         t.founded = False
         self._join(t, best[0], best[1], False, at_us, batch)
@@ -269,18 +352,16 @@ class IdentityMatcher:
         log.debug("merged provisional identity", extra={"from": old, "into": best[0], "similarity": best[1]})
         return Assignment(best[0], best[1], False)
 
-    def _best_candidate(self, t: TrackState, fused: np.ndarray, exclude: str | None) -> tuple[str, float] | None:
-        self.stats["queries"] += 1
-        neigh = self.vectors.search(fused, self.cfg.candidates, self.cfg.prototypes_per_identity)
+    def _best_candidate(self, t: TrackState, neigh: list[tuple[str, float]], exclude: str | None,
+                        ) -> tuple[str, float] | None:
         p_track = t.male_probability
         best: tuple[str, float] | None = None
-        for n in neigh:
-            if n.global_id == exclude:
+        for gid, score in neigh:
+            if gid == exclude:
                 continue
-            ident = self.identities.get(n.global_id)
+            ident = self.identities.get(gid)
             if ident is not None and self.cfg.exclude_co_visible and self._co_visible(ident, t):
                 continue
-            score = n.score
             p_id = ident.male_probability if ident is not None else None
             if p_track is not None and p_id is not None and self.gender.mode != "off":
                 if self.gender.mode == "filter":
@@ -290,19 +371,15 @@ class IdentityMatcher:
                 else:
                     score += self.gender.soft_weight * _agreement(p_track, p_id)
             if best is None or score > best[1]:
-                best = (n.global_id, score)
+                best = (gid, score)
         return best
 
     def _co_visible(self, ident: IdentityState, t: TrackState) -> bool:
         """Is another track of this identity on the same camera during this track's lifetime?"""
-        for uid, (cam, last_us) in list(ident.active.items()):
-            if uid == t.track_uid:
-                continue
-            if last_us < t.first_seen_us - self._co_gap_us:
-                if last_us < t.last_seen_us - self._gap_us:
-                    ident.active.pop(uid, None)  # long gone: forget it
-                continue
-            if cam == t.camera:
+        gap = self._co_gap_us
+        for uid, (cam, first_us, last_us) in ident.active.items():
+            if uid != t.track_uid and cam == t.camera and last_us >= t.first_seen_us - gap \
+                    and first_us <= t.last_seen_us + gap:
                 return True
         return False
 
@@ -317,7 +394,7 @@ class IdentityMatcher:
             ident.male_sum += t.male_probability
             ident.male_n += 1
         ident.last_seen_us = max(ident.last_seen_us, t.last_seen_us)
-        ident.active[t.track_uid] = (t.camera, t.last_seen_us)
+        ident.active[t.track_uid] = (t.camera, t.first_seen_us, t.last_seen_us)
         batch.assignments[t.track_uid] = gid
         if new:
             batch.identities[gid] = {
@@ -345,10 +422,11 @@ class IdentityMatcher:
             doomed.append(oldest)
         if doomed:
             self.vectors.delete_points(doomed)
+            self._gone_points.update(doomed)
             for pid in doomed:
                 batch.prototypes[pid] = None
         payload = {
-            "male_probability": ident.male_probability, "cameras": sorted({c[1] for c, _ in ident.active.values()}
+            "male_probability": ident.male_probability, "cameras": sorted({c[1] for c, _, _ in ident.active.values()}
                                                                            | {t.camera_id}),
             "first_seen_us": ident.first_seen_us, "last_seen_us": t.last_seen_us,
             "sightings": ident.n_tracks, "similarity": t.similarity or 0.0, "device_id": t.device_id,
@@ -366,25 +444,35 @@ class IdentityMatcher:
                 batch.prototypes[pid] = None
 
     # --- rows ------------------------------------------------------------------------------
-    def _write_track(self, t: TrackState, batch: BatchWrite) -> None:
-        batch.tracks[t.track_uid] = {
-            "track_uid": t.track_uid, "device_id": t.device_id, "camera_id": t.camera_id, "track_id": t.track_id,
-            "global_id": t.global_id, "first_seen_us": t.first_seen_us, "last_seen_us": t.last_seen_us,
-            "first_frame_index": t.first_frame_index, "last_frame_index": t.last_frame_index,
-            "n_crops": t.n_crops, "male_probability": t.male_probability, "match_similarity": t.similarity,
-            "is_new_identity": t.founded, "ended": t.ended}
+    def _write_track(self, t: TrackState, _batch: BatchWrite) -> None:
+        self._dirty_tracks[t.track_uid] = t
 
-    def _write_identity(self, ident: IdentityState, batch: BatchWrite) -> None:
-        row = batch.identities.get(ident.global_id)
-        if row is None:
-            # Existing identity: only the mergeable columns matter (the insert branch never fires);
-            # still give every NOT NULL column a value so the statement is valid.
-            row = {"global_id": ident.global_id, "embedder_id": self.embedder_id,
-                   "first_seen_us": ident.first_seen_us, "first_device_id": "", "first_camera_id": "",
-                   "founding_track_uid": ""}
-            batch.identities[ident.global_id] = row
-        row.update(last_seen_us=ident.last_seen_us, male_probability=ident.male_probability,
-                   n_tracks=ident.n_tracks)
+    def _write_identity(self, ident: IdentityState, _batch: BatchWrite) -> None:
+        self._dirty_identities[ident.global_id] = ident
+
+    def write_rows(self, batch: BatchWrite) -> None:
+        """Build the batch's track and identity rows once, from their final state (call after the batch's
+        last track_for/match_batch/end_track)."""
+        for t in self._dirty_tracks.values():
+            batch.tracks[t.track_uid] = {
+                "track_uid": t.track_uid, "device_id": t.device_id, "camera_id": t.camera_id,
+                "track_id": t.track_id, "global_id": t.global_id, "first_seen_us": t.first_seen_us,
+                "last_seen_us": t.last_seen_us, "first_frame_index": t.first_frame_index,
+                "last_frame_index": t.last_frame_index, "n_crops": t.n_crops, "male_probability": t.male_probability,
+                "match_similarity": t.similarity, "is_new_identity": t.founded, "ended": t.ended}
+        for ident in self._dirty_identities.values():
+            row = batch.identities.get(ident.global_id)
+            if row is None:
+                # Existing identity: only the mergeable columns matter (the insert branch never fires);
+                # still give every NOT NULL column a value so the statement is valid.
+                row = {"global_id": ident.global_id, "embedder_id": self.embedder_id,
+                       "first_seen_us": ident.first_seen_us, "first_device_id": "", "first_camera_id": "",
+                       "founding_track_uid": ""}
+                batch.identities[ident.global_id] = row
+            row.update(last_seen_us=ident.last_seen_us, male_probability=ident.male_probability,
+                       n_tracks=ident.n_tracks)
+        self._dirty_tracks.clear()
+        self._dirty_identities.clear()
 
     # --- housekeeping ----------------------------------------------------------------------
     def expire(self, now_us: int, batch: BatchWrite) -> list[str]:
@@ -393,6 +481,10 @@ class IdentityMatcher:
             return []
         self._last_expiry_us = now_us
         cutoff = now_us - int(self.cfg.retention_s * 1e6)
+        old = now_us - self._gap_us
+        for ident in self.identities.values():  # forget tracks long over (live ones are seen, so recent)
+            for uid in [u for u, (_c, _f, last_us) in ident.active.items() if last_us < old]:
+                del ident.active[uid]
         doomed = [gid for gid, ident in self.identities.items() if ident.last_seen_us < cutoff and not ident.active]
         if doomed:
             self.vectors.delete_identities(doomed)
@@ -401,11 +493,8 @@ class IdentityMatcher:
                 self._drop_prototypes(gid, batch)
                 batch.expired[gid] = now_us
             self.stats["expired"] += len(doomed)
-        stale = [k for k, t in self.tracks.items() if t.last_seen_us < now_us - self._gap_us]
-        for k in stale:
-            t = self.tracks.pop(k)
-            if t.global_id in self.identities:
-                self.identities[t.global_id].active.pop(t.track_uid, None)
+        for k in [k for k, t in self.tracks.items() if t.last_seen_us < old]:
+            del self.tracks[k]
         return doomed
 
     def gallery_size(self) -> int:

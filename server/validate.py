@@ -102,11 +102,67 @@ def check_frame(rec: dict[str, Any], cfg: ValidationSettings, now_us: int | None
 @dataclass(frozen=True)
 class DecodedCrop:
     track_id: int
-    image_bgr: np.ndarray
+    image_bgr: np.ndarray | None  # None when the embedder decodes the JPEG itself (nvJPEG on the GPU)
     quality: float
     score: float
     xyxy: tuple[float, float, float, float]
     reason: str
+    jpeg: bytes = b""
+
+
+_SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, without decoding; None if the bytes are not a JPEG
+    whose header can be read. Walks the marker segments from SOI to the first SOF."""
+    n = len(data)
+    if n < 4 or data[0] != 0xFF or data[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        length = (data[i + 2] << 8) | data[i + 3]
+        if length < 2:
+            return None
+        if marker in _SOF:
+            if i + 9 > n:
+                return None
+            h, w = (data[i + 5] << 8) | data[i + 6], (data[i + 7] << 8) | data[i + 8]
+            return (w, h) if w and h else None
+        i += 2 + length
+    return None
+
+
+def _check_size(i: int, c: dict[str, Any], iw: int, ih: int, w: int, h: int, cfg: ValidationSettings) -> None:
+    if min(ih, iw) < cfg.min_crop_side_px or iw > 2 * w + 64 or ih > 2 * h + 64:
+        raise InvalidFrame("bad_jpeg", f"crops[{i}] (track {c['track_id']}): decoded size {iw}x{ih} does not "
+                           f"fit a {w}x{h} frame")
+
+
+def undecoded_crops(rec: dict[str, Any], cfg: ValidationSettings) -> list[DecodedCrop]:
+    """The crops with their JPEG bytes for an embedder that decodes on the GPU: the header is checked
+    here (a JPEG, a plausible size) so a frame with a bad crop is rejected before any of it is used;
+    a crop whose body turns out corrupt fails the GPU decode and the batch is redone on the CPU path."""
+    out = []
+    w, h = rec["frame_width"], rec["frame_height"]
+    for i, c in enumerate(rec["crops"]):
+        size = jpeg_size(c["jpeg"])
+        if size is None:
+            raise InvalidFrame("bad_jpeg", f"crops[{i}] (track {c['track_id']}): {len(c['jpeg'])} bytes are not a "
+                               "JPEG with a readable frame header")
+        _check_size(i, c, size[0], size[1], w, h, cfg)
+        out.append(DecodedCrop(int(c["track_id"]), None, float(c["quality"]), float(c["score"]),
+                               (c["x1"], c["y1"], c["x2"], c["y2"]), str(c["reason"]), c["jpeg"]))
+    return out
 
 
 def decode_crops(rec: dict[str, Any], cfg: ValidationSettings) -> list[DecodedCrop]:
@@ -115,14 +171,13 @@ def decode_crops(rec: dict[str, Any], cfg: ValidationSettings) -> list[DecodedCr
     w, h = rec["frame_width"], rec["frame_height"]
     for i, c in enumerate(rec["crops"]):
         buf = np.frombuffer(c["jpeg"], dtype=np.uint8)
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        # Only JPEG (the field's contract, and all the GPU decoder takes), though OpenCV would read PNG too.
+        img = cv2.imdecode(buf, cv2.IMREAD_COLOR) if jpeg_size(c["jpeg"]) is not None else None
         if img is None:
             raise InvalidFrame("bad_jpeg", f"crops[{i}] (track {c['track_id']}): {len(buf)} bytes do not decode "
                                "as an image")
         ih, iw = img.shape[:2]
-        if min(ih, iw) < cfg.min_crop_side_px or iw > 2 * w + 64 or ih > 2 * h + 64:
-            raise InvalidFrame("bad_jpeg", f"crops[{i}] (track {c['track_id']}): decoded size {iw}x{ih} does not "
-                               f"fit a {w}x{h} frame")
+        _check_size(i, c, iw, ih, w, h, cfg)
         out.append(DecodedCrop(int(c["track_id"]), img, float(c["quality"]), float(c["score"]),
                                (c["x1"], c["y1"], c["x2"], c["y2"]), str(c["reason"])))
     return out

@@ -144,13 +144,18 @@ class OsnetTorchEmbedder:
         return resize_packed_bilinear(flat.to(self.device, non_blocking=True), offsets, hw[:, 0], hw[:, 1],
                                       planar=False, out_h=HEIGHT, out_w=WIDTH, channel_order=(2, 1, 0))
 
+    @property
+    def decodes_jpegs(self) -> bool:
+        """Whether :meth:`embed_jpegs` decodes with nvJPEG (the consumer then skips its CPU decode)."""
+        return self.cfg.jpeg_decoder == "nvjpeg" and self.device.type == "cuda" and _gpu_jpeg_available()
+
     def embed_jpegs(self, jpegs: Sequence[bytes]) -> np.ndarray:
         """Embed JPEG-encoded crops, decoded by nvJPEG on the GPU (default on CUDA) or a CPU thread pool.
 
         Measured on an H100 box (16 vCPUs), batch 1024 of 96×192 crops: nvJPEG path 11.4k crops/s end to
         end, OpenCV thread pool 5.8k (docs/server-models.md). Without CUDA or torchvision: the CPU path.
         """
-        if self.cfg.jpeg_decoder == "nvjpeg" and self.device.type == "cuda" and _gpu_jpeg_available():
+        if self.decodes_jpegs:
             out = np.empty((len(jpegs), self.dim), dtype=np.float32)
             for s in batches(len(jpegs), self.cfg.batch_size):
                 out[s] = self._forward_rgb(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start))

@@ -9,6 +9,7 @@ a Qdrant server without the cache).
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import threading
@@ -32,6 +33,31 @@ def single_thread_blas() -> None:
     except ImportError:  # pragma: no cover - optional speed-up
         return
     threadpool_limits(1, user_api="blas")
+
+
+_SIMS_CHUNK_FLOATS = 1 << 23  # 32 MB of float32 similarities per chunk of a batched search
+_blas_ctl: Any = None
+
+
+@contextlib.contextmanager
+def _blas_threads(n_queries: int) -> Iterator[None]:
+    """Every allowed core for a batched search of many queries (a GEMM scales with threads), one thread
+    otherwise (see :func:`single_thread_blas`)."""
+    global _blas_ctl
+    if n_queries < 32:
+        yield
+        return
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # pragma: no cover - optional speed-up
+        yield
+        return
+    from common.service import allowed_cpus
+
+    if _blas_ctl is None:
+        _blas_ctl = ThreadpoolController()
+    with _blas_ctl.limit(limits=allowed_cpus(), user_api="blas"):
+        yield
 
 
 class MemoryVectorStore:
@@ -79,17 +105,54 @@ class MemoryVectorStore:
         k = min(self._n, max(1, limit * bank_size))
         top = np.argpartition(-sims, k - 1)[:k] if k < self._n else np.arange(self._n)
         top = top[np.argsort(-sims[top], kind="stable")]
+        return self._best_per_identity(top.tolist(), sims[top].tolist(), limit)
+
+    def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
+                    min_score: float = -2.0) -> list[list[Neighbour]]:
+        """:meth:`search` for many queries at once: one matrix product per chunk of queries reads the
+        gallery once instead of once per query (memory-bound matrix-vector products become a
+        compute-bound GEMM), and BLAS may use every allowed core for it. Points scoring below
+        ``min_score`` are left out (the matcher passes the lowest score that could still win)."""
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if self._n == 0 or len(q) == 0:
+            return [[] for _ in range(len(q))]
+        n = self._n
+        k = min(n, max(1, limit * bank_size))
+        mat = self._mat[:n]
+        rows = max(1, _SIMS_CHUNK_FLOATS // n)
+        out: list[list[Neighbour]] = []
+        with _blas_threads(len(q)):
+            for s in range(0, len(q), rows):
+                sims = q[s:s + rows] @ mat.T
+                if k < n:
+                    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+                    tsims = np.take_along_axis(sims, top, axis=1)
+                else:
+                    top, tsims = np.broadcast_to(np.arange(n), sims.shape), sims
+                order = np.argsort(-tsims, axis=1, kind="stable")
+                top = np.take_along_axis(top, order, axis=1)
+                tsims = np.take_along_axis(tsims, order, axis=1)
+                keep = (tsims >= min_score).sum(axis=1).tolist()  # rows are sorted: a prefix passes
+                out.extend(self._best_per_identity(r[:n_keep].tolist(), v[:n_keep].tolist(), limit)
+                           for r, v, n_keep in zip(top, tsims, keep, strict=True))
+        return out
+
+    def _best_per_identity(self, rows: list[int], sims: list[float], limit: int) -> list[Neighbour]:
+        """Rows sorted best first → the best row of each of the first ``limit`` identities."""
         out: list[Neighbour] = []
         seen: set[str] = set()
-        for row in top.tolist():
+        for row, sim in zip(rows, sims, strict=True):
             gid = self._gids[row]
             if gid in seen:
                 continue
             seen.add(gid)
-            out.append(Neighbour(gid, self._point_ids[row], float(sims[row])))
+            out.append(Neighbour(gid, self._point_ids[row], sim))
             if len(out) == limit:
                 break
         return out
+
+    def has(self, point_id: str) -> bool:
+        return point_id in self._row_of
 
     def _remove_row(self, row: int) -> None:
         last = self._n - 1
@@ -205,6 +268,10 @@ class CachedVectorStore:
 
     def search(self, query: np.ndarray, limit: int, bank_size: int) -> list[Neighbour]:
         return self.mem.search(query, limit, bank_size)
+
+    def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
+                    min_score: float = -2.0) -> list[list[Neighbour]]:
+        return self.mem.search_many(queries, limit, bank_size, min_score)
 
     def delete_points(self, point_ids: Sequence[str]) -> None:
         self.mem.delete_points(point_ids)

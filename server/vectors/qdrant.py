@@ -70,18 +70,31 @@ class QdrantVectorStore:
         self.client.upsert(self.collection, points=points, wait=True)
 
     def search(self, query: np.ndarray, limit: int, bank_size: int) -> list[Neighbour]:
-        res = self.client.query_points(self.collection, query=np.asarray(query, dtype=np.float32).tolist(),
-                                       limit=max(1, limit * bank_size), with_payload=["global_id"])
-        out: list[Neighbour] = []
-        seen: set[str] = set()
-        for pt in res.points:
-            gid = str(pt.payload["global_id"])  # type: ignore[index]
-            if gid in seen:
-                continue
-            seen.add(gid)
-            out.append(Neighbour(gid, str(pt.id), float(pt.score)))
-            if len(out) == limit:
-                break
+        return self.search_many(np.asarray(query, dtype=np.float32).reshape(1, -1), limit, bank_size)[0]
+
+    def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
+                    min_score: float = -2.0) -> list[list[Neighbour]]:
+        m = self._models
+        q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        if len(q) == 0:
+            return []
+        threshold = min_score if min_score > -1.0 else None
+        reqs = [m.QueryRequest(query=row.tolist(), limit=max(1, limit * bank_size), with_payload=["global_id"],
+                               score_threshold=threshold) for row in q]
+        out: list[list[Neighbour]] = []
+        for s in range(0, len(reqs), 256):  # bounded request size for a server
+            for res in self.client.query_batch_points(self.collection, requests=reqs[s:s + 256]):
+                hits: list[Neighbour] = []
+                seen: set[str] = set()
+                for pt in res.points:
+                    gid = str(pt.payload["global_id"])  # type: ignore[index]
+                    if gid in seen:
+                        continue
+                    seen.add(gid)
+                    hits.append(Neighbour(gid, str(pt.id), float(pt.score)))
+                    if len(hits) == limit:
+                        break
+                out.append(hits)
         return out
 
     def delete_points(self, point_ids: Sequence[str]) -> None:

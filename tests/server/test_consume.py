@@ -124,3 +124,67 @@ def test_corrupt_messages_go_to_dlq_and_the_consumer_carries_on(kafka_bootstrap:
     outs = [OUT.decode(v) for v in read_all(kafka_bootstrap, topics["reid_output"], 2)]
     assert [o["frame_index"] for o in outs] == [0, 5]
     assert outs[0]["people"][0]["global_id"] == outs[1]["people"][0]["global_id"] is not None
+
+
+class JpegBytesEmbedder:
+    """The real OpenVINO embedder behind the JPEG-bytes interface of the nvJPEG path (``decodes_jpegs``),
+    decoding with OpenCV here, so the consumer's GPU-decode branch and its CPU fallback run without a GPU."""
+
+    decodes_jpegs = True
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.model_id, self.dim = inner.model_id, inner.dim  # type: ignore[attr-defined]
+        self.jpeg_batches = 0
+
+    def embed(self, crops: list) -> object:
+        return self.inner.embed(crops)  # type: ignore[attr-defined]
+
+    def embed_jpegs(self, jpegs: list[bytes]) -> object:
+        import cv2
+        import numpy as np
+
+        from server.embed.preprocess import CropError
+
+        self.jpeg_batches += 1
+        images = []
+        for i, data in enumerate(jpegs):
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise CropError(f"crop {i}: does not decode")
+            images.append(img)
+        return self.inner.embed(images)  # type: ignore[attr-defined]
+
+
+def test_jpeg_bytes_path_checks_headers_and_falls_back_to_cpu_for_corrupt_bodies(
+        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path) -> None:
+    import cv2
+    import numpy as np
+
+    from server.embed.base import build_embedder
+
+    t0 = (time.time_ns() // 1000) - 60_000_000
+    crop = market.crops("0003", 0, 1)[0]
+    sof = crop.index(b"\xff\xc0")
+    header_only = crop[:sof + 19]  # a readable frame header, no image data: only a decoder finds out
+    png = cv2.imencode(".png", cv2.imdecode(np.frombuffer(crop, np.uint8), cv2.IMREAD_COLOR))[1].tobytes()
+    frames = [edge_frame("dev-1", "cam-a", 0, t0, [Box(1, (10, 10, 74, 138), crop_jpeg=crop)]),
+              edge_frame("dev-1", "cam-a", 1, t0 + 100_000, [Box(2, (100, 10, 164, 138), crop_jpeg=png)]),
+              edge_frame("dev-1", "cam-a", 2, t0 + 200_000, [Box(3, (200, 10, 264, 138), crop_jpeg=header_only)]),
+              edge_frame("dev-1", "cam-a", 3, t0 + 300_000, [Box(1, (12, 10, 76, 138), crop_jpeg=crop)])]
+    produce(kafka_bootstrap, topics["reid_input"], [(b"dev-1", EDGE.encode(f)) for f in frames])
+    cfg = server_config(kafka_bootstrap, topics, tmp_path, gender={"mode": "off"},
+                        batch={"max_crops": 64, "max_wait_ms": 500})
+    embedder = JpegBytesEmbedder(build_embedder(cfg.embedder, assets=cfg.assets))
+    consumer = ReidConsumer(cfg, embedder=embedder)
+    assert consumer.gpu_jpeg
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get()
+              + consumer.metrics.messages.labels("dlq")._value.get() >= len(frames))
+    dead = sorted((DLQ.decode(v) for v in read_all(kafka_bootstrap, topics["reid_dlq"], 2)),
+                  key=lambda d: d["source_offset"])
+    assert [(d["source_offset"], d["error_type"]) for d in dead] == [(1, "bad_jpeg"), (2, "bad_jpeg")]
+    assert "not a JPEG" in dead[0]["reason"]  # refused from its header, before any decoding
+    assert embedder.jpeg_batches >= 1 and consumer.metrics.gpu_decode_fallbacks._value.get() >= 1
+    outs = [OUT.decode(v) for v in read_all(kafka_bootstrap, topics["reid_output"], 2)]
+    assert [o["frame_index"] for o in outs] == [0, 3]
+    assert outs[0]["people"][0]["global_id"] == outs[1]["people"][0]["global_id"] is not None

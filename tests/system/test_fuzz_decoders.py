@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from schemas.codec import AvroCodec, CodecError
 from server.config import ValidationSettings
 from server.edge_records import Box, edge_frame, jpeg_bytes
-from server.validate import InvalidFrame, check_frame, decode_crops
+from server.validate import InvalidFrame, check_frame, decode_crops, jpeg_size, undecoded_crops
 
 EDGE = AvroCodec("edge_frame")
 CFG = ValidationSettings()
@@ -44,6 +44,7 @@ def server_path(data: bytes) -> str:
         return "codec"
     try:
         check_frame(rec, CFG)
+        undecoded_crops(rec, CFG)  # the GPU-decode path's header check
         decode_crops(rec, CFG)
     except InvalidFrame as exc:
         assert exc.error_type and exc.reason
@@ -110,3 +111,19 @@ def test_absurd_but_well_formed_frames(rec: dict[str, Any]) -> None:
 def test_plausible_frames_of_any_size(xyxy: tuple[float, float, float, float], w: int, h: int) -> None:
     rec = edge_frame("d", "c", 0, NOW_US, [Box(1, xyxy, crop_jpeg=JPEG)], frame_wh=(w, h))
     assert server_path(EDGE.encode(rec)) in {"ok", "invalid"}
+
+
+def test_jpeg_size_reads_the_frame_header() -> None:
+    assert jpeg_size(JPEG) == (64, 128)
+    assert jpeg_size(b"") is None and jpeg_size(b"\x89PNG\r\n\x1a\n") is None
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, len(JPEG) - 1), st.integers(0, 255)), max_size=6),
+       st.integers(0, len(JPEG)))
+def test_jpeg_size_on_mutated_jpegs(flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(JPEG)
+    for pos, byte in flips:
+        data[pos] = byte
+    size = jpeg_size(bytes(data[:cut]))
+    assert size is None or (size[0] > 0 and size[1] > 0)
