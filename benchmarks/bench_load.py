@@ -117,6 +117,41 @@ def scrape(port: int, name: str) -> float | None:
     return None
 
 
+def scrape_server(port: int) -> dict[str, float]:
+    """Sums and counts of the server's stage and capture→stored histograms (for per-step deltas)."""
+    out: dict[str, float] = {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
+            text = r.read().decode()
+    except OSError:
+        return out
+    for line in text.splitlines():
+        if line.startswith(("reidfleet_server_stage_seconds_sum", "reidfleet_server_stage_seconds_count",
+                            "reidfleet_server_frame_latency_seconds_sum",
+                            "reidfleet_server_frame_latency_seconds_count", "reidfleet_server_batch_messages_sum",
+                            "reidfleet_server_batch_messages_count")):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def server_breakdown(before: dict[str, float], after: dict[str, float]) -> dict[str, Any]:
+    """Where a step's latency went inside the server: mean seconds per batch in each stage, mean frames per
+    batch, and the server's own capture→stored mean (the rest of the end-to-end time is broker and reader)."""
+    d = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    batches = d.get("reidfleet_server_batch_messages_count", 0.0)
+    out: dict[str, Any] = {"batches": int(batches)}
+    if batches:
+        out["frames_per_batch"] = round(d.get("reidfleet_server_batch_messages_sum", 0.0) / batches, 1)
+        out["stage_ms_per_batch"] = {
+            k.split('stage="')[1].split('"')[0]: round(v / batches * 1000, 2)
+            for k, v in d.items() if k.startswith("reidfleet_server_stage_seconds_sum")}
+    n = d.get("reidfleet_server_frame_latency_seconds_count", 0.0)
+    if n:
+        out["server_capture_to_stored_mean_ms"] = round(d["reidfleet_server_frame_latency_seconds_sum"] / n * 1000, 1)
+    return out
+
+
 class Rig:
     """Broker + server process + result reader, started once for all steps."""
 
@@ -256,7 +291,9 @@ def step(rig: Rig, n: int, idx: int, args: argparse.Namespace) -> dict[str, Any]
     with rig.reader.lock:
         start = len(rig.reader.samples)
     t_start = time.monotonic()
+    metrics0 = scrape_server(rig.port)
     run = rig.play(prefix, n, args.step_s)
+    metrics1 = scrape_server(rig.port)
     t_end = time.monotonic()
     drained = rig.drain(prefix, run["sent"], args.drain_s)
     with rig.reader.lock:
@@ -266,10 +303,12 @@ def step(rig: Rig, n: int, idx: int, args: argparse.Namespace) -> dict[str, Any]
     res["sustained"] = res["sustained"] and drained
     res["series"] = [{k: v for k, v in s.items() if k != "rss"} for s in run["series"]]
     res["rss_end"] = run["series"][-1]["rss"] if run["series"] else {}
+    res["server"] = server_breakdown(metrics0, metrics1)
     print(f"step {idx}: {n} cameras -> {'OK' if res['sustained'] else 'NOT sustained'} "
           f"(backlog slope {res['backlog_slope_per_s']}/s, max {res['max_backlog_frames']}, p50 {res['p50_ms']} ms, "
           f"p95 {res['p95_ms']} ms, {res['crops_per_s']} crops/s, player behind {res['player_behind_max_s']} s)",
           flush=True)
+    print(f"  server: {res['server']}", flush=True)
     return res
 
 

@@ -232,8 +232,17 @@ class ReidConsumer:
                 parsed, msgs = list(self._pending), []
                 self._pending.clear()
             else:
-                timeout = 0.5 if deadline is None else max(0.0, deadline - time.monotonic())
-                msgs = self.consumer.consume(num_messages=min(500, b.max_messages - len(items)), timeout=timeout)
+                want = min(500, b.max_messages - len(items))
+                if deadline is None:
+                    # consume() waits until ``want`` messages or the timeout: waiting for the FIRST message of a
+                    # batch that way added up to 0.5 s to every quiet stream's latency. poll() returns with the
+                    # first one; what is already fetched comes with it, then the batch deadline runs.
+                    first = self.consumer.poll(0.5)
+                    msgs = [first] if first is not None else []
+                    if first is not None and want > 1:
+                        msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
+                else:
+                    msgs = self.consumer.consume(num_messages=want, timeout=max(0.0, deadline - time.monotonic()))
                 parsed = [self._parse(m) for m in msgs if self._usable(m)]
             for i, item in enumerate(parsed):
                 if items and (n_crops >= b.max_crops or len(items) >= b.max_messages):

@@ -98,9 +98,9 @@ class IdentityState:
     male_n: int = 0
     n_tracks: int = 0
     prototypes: dict[str, int] = field(default_factory=dict)  # point id (track uid) -> last_seen_us
-    # track uid -> (camera, first_seen_us, last_seen_us) of this identity's recent tracks, live or ended
-    # (ended ones stay until they are ``track_resume_gap_s`` old: a batch decides identities after it has
-    # seen its tracks end, and co-visibility is a question of time overlap, not of being live now)
+    # track uid -> (camera, first_seen_us, last_seen_us) of this identity's live tracks, and of tracks that
+    # ended in the current batch (a batch decides identities after it has seen its tracks end, so those
+    # stay until the batch is decided: co-visibility is a question of time overlap, not of being live now)
     active: dict[str, tuple[tuple[str, str], int, int]] = field(default_factory=dict)
 
     @property
@@ -135,6 +135,7 @@ class IdentityMatcher:
         # the end of the batch, by write_rows().
         self._dirty_tracks: dict[str, TrackState] = {}
         self._dirty_identities: dict[str, IdentityState] = {}
+        self._ended: list[TrackState] = []  # tracks ended in the current batch
         self._gone_points: set[str] = set()  # prototypes deleted during the current match_batch
         self._gone_identities: set[str] = set()
         self.stats = {"matched": 0, "new": 0, "merged": 0, "resumed": 0, "expired": 0, "queries": 0}
@@ -212,7 +213,8 @@ class IdentityMatcher:
                 return
             batch.tracks[row["track_uid"]] = {**row, "ended": True}
             return
-        t.ended = True  # its entry in its identity's ``active`` stays until it is old (see expire)
+        t.ended = True  # its entry in its identity's ``active`` stays until the batch is decided
+        self._ended.append(t)
         self._write_track(t, batch)
 
     # --- crops ---------------------------------------------------------------------------
@@ -451,8 +453,8 @@ class IdentityMatcher:
         self._dirty_identities[ident.global_id] = ident
 
     def write_rows(self, batch: BatchWrite) -> None:
-        """Build the batch's track and identity rows once, from their final state (call after the batch's
-        last track_for/match_batch/end_track)."""
+        """Build the batch's track and identity rows once, from their final state, and close the batch's
+        bookkeeping (call after the batch's last track_for/match_batch/end_track)."""
         for t in self._dirty_tracks.values():
             batch.tracks[t.track_uid] = {
                 "track_uid": t.track_uid, "device_id": t.device_id, "camera_id": t.camera_id,
@@ -473,6 +475,11 @@ class IdentityMatcher:
                        n_tracks=ident.n_tracks)
         self._dirty_tracks.clear()
         self._dirty_identities.clear()
+        for t in self._ended:  # decided: ended tracks leave the co-visibility bookkeeping
+            ident = self.identities.get(t.global_id) if t.global_id is not None else None
+            if ident is not None:
+                ident.active.pop(t.track_uid, None)
+        self._ended.clear()
 
     # --- housekeeping ----------------------------------------------------------------------
     def expire(self, now_us: int, batch: BatchWrite) -> list[str]:
