@@ -202,7 +202,7 @@ class Rig:
         for n in per:
             cmd = [sys.executable, "-m", "benchmarks.replay", "play", "--bootstrap", self.broker.bootstrap,
                    "--dir", str(a.recordings), "--cameras", str(n), "--first-camera", str(first), "--fps",
-                   str(a.fps), "--duration-s", str(duration_s), "--prefix", prefix]
+                   str(a.fps), "--duration-s", str(duration_s), "--prefix", prefix, "--linger-ms", str(a.linger_ms)]
             first += n
             procs.append(subprocess.Popen(cmd, cwd=self.work, env=env, stdout=subprocess.PIPE,
                                           stderr=subprocess.DEVNULL, text=True))
@@ -384,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-cameras", type=int, default=1024)
     p.add_argument("--bisect", type=int, default=3, help="bisection steps after the first failing step")
     p.add_argument("--players", type=int, default=1, help="player processes (more on many-core machines)")
+    p.add_argument("--linger-ms", type=float, default=20.0,
+                   help="players' producer linger.ms (20 = what appliances use: common.kafka.producer_config)")
     p.add_argument("--server-config", default=None, help="server YAML (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="server --set override")
     p.add_argument("--device", default="cpu", help="label for the result (cpu, h100, ...)")
@@ -415,6 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         "peer": {"name": "reference thesis server", "frames_per_s": THESIS_FRAMES_PER_S,
                  "cameras_at_fps": THESIS_FRAMES_PER_S / a.fps},
         "server_config": rig.cfg, "server_overrides": a.set, "rss_final_bytes": rss_final,
+        "players": {"processes": a.players, "linger_ms": a.linger_ms},
         "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()},
         "steps": steps,
     }

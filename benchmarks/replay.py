@@ -183,7 +183,8 @@ class Player:
     """Plays ``cameras`` cameras at ``fps`` into ``topic`` (key = device id, like the appliance)."""
 
     def __init__(self, bootstrap: str, topic: str, recordings: list[Recording], cameras: int, fps: float, *,
-                 prefix: str = "replay", first_camera: int = 0, camera_id: str = "cam-1") -> None:
+                 prefix: str = "replay", first_camera: int = 0, camera_id: str = "cam-1",
+                 linger_ms: float = 20.0) -> None:
         from confluent_kafka import Producer
 
         from common.kafka import producer_config
@@ -194,7 +195,7 @@ class Player:
         self.topic, self.recordings, self.cameras, self.fps = topic, recordings, cameras, fps
         self.prefix, self.first_camera, self.camera_id = prefix, first_camera, camera_id
         self.codec = AvroCodec("edge_frame")
-        self.producer = Producer(producer_config(bootstrap, f"replay-{prefix}", **{"linger.ms": 5}))
+        self.producer = Producer(producer_config(bootstrap, f"replay-{prefix}", **{"linger.ms": linger_ms}))
         self.produced = 0
         self.acked = 0
         self.errors = 0
@@ -291,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--fps", type=float, default=15.0)
     pl.add_argument("--duration-s", type=float, default=60.0)
     pl.add_argument("--prefix", default="replay", help="device id prefix")
+    pl.add_argument("--linger-ms", type=float, default=20.0, help="producer linger (20 = what appliances use)")
     a = p.parse_args(argv)
     setup_logging("replay")
     if a.command == "record":
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = StopSignal()
     player = Player(a.bootstrap, a.topic, load_recordings(a.dir), a.cameras, a.fps, prefix=a.prefix,
-                    first_camera=a.first_camera)
+                    first_camera=a.first_camera, linger_ms=a.linger_ms)
     player.run(a.duration_s, stop.is_set, lambda s: print(json.dumps(s), flush=True))
     return 0
 
