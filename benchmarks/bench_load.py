@@ -28,6 +28,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -312,13 +313,15 @@ def step(rig: Rig, n: int, idx: int, args: argparse.Namespace) -> dict[str, Any]
     return res
 
 
-def search(rig: Rig, args: argparse.Namespace) -> list[dict[str, Any]]:
+def search(rig: Rig, args: argparse.Namespace,
+           on_step: Callable[[list[dict[str, Any]]], None] = lambda _s: None) -> list[dict[str, Any]]:
     steps: list[dict[str, Any]] = []
     good, bad = 0, None
     n = args.start
     while n <= args.max_cameras:
         r = step(rig, n, len(steps), args)
         steps.append(r)
+        on_step(steps)
         if not r["sustained"]:
             bad = n
             break
@@ -330,6 +333,7 @@ def search(rig: Rig, args: argparse.Namespace) -> list[dict[str, Any]]:
         mid = (good + bad) // 2
         r = step(rig, mid, len(steps), args)
         steps.append(r)
+        on_step(steps)
         if r["sustained"]:
             good = mid
         else:
@@ -397,31 +401,36 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging("bench-load", "WARNING")
     recs = ensure_recordings(a.assets, a.recordings)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def summarize(steps: list[dict[str, Any]], rig: Rig, rss_final: dict[str, int | None]) -> dict[str, Any]:
+        ok = [s for s in steps if s["sustained"]]
+        best = max(ok, key=lambda s: s["cameras"]) if ok else None
+        return {
+            "bench": "bench-load", "device": a.device, "fps": a.fps, "step_s": a.step_s,
+            "cameras": best["cameras"] if best else 0, "p50_ms": best["p50_ms"] if best else None,
+            "p95_ms": best["p95_ms"] if best else None,
+            "criterion": "backlog over the second half of a step grows < 5 % of the input rate and stays < 3 s of "
+                         "input; drained within drain_s after the step",
+            "recordings": [{"name": r.name, "frames": len(r.frames), "crops": r.crops} for r in recs],
+            "peer": {"name": "reference thesis server", "frames_per_s": THESIS_FRAMES_PER_S,
+                     "cameras_at_fps": THESIS_FRAMES_PER_S / a.fps},
+            "server_config": rig.cfg, "server_overrides": a.set, "rss_final_bytes": rss_final,
+            "players": {"processes": a.players, "linger_ms": a.linger_ms},
+            "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()},
+            "steps": steps,
+        }
+
     with tempfile.TemporaryDirectory(prefix="reidfleet-load-") as tmp:
         rig = Rig(a, Path(tmp))
         try:
             step(rig, 1, -1, argparse.Namespace(**{**vars(a), "step_s": 10.0}))  # warm-up: models, caches, group
-            steps = search(rig, a)
-            rss_final = rig.rss()
+            # After every step the result so far is written: a run cut short (a time limit) keeps its numbers.
+            steps = search(rig, a, lambda done: a.out.write_text(json.dumps(summarize(done, rig, rig.rss()),
+                                                                            indent=1)))
+            result = summarize(steps, rig, rig.rss())
         finally:
             rig.close()
-    ok = [s for s in steps if s["sustained"]]
-    best = max(ok, key=lambda s: s["cameras"]) if ok else None
-    result = {
-        "bench": "bench-load", "device": a.device, "fps": a.fps, "step_s": a.step_s,
-        "cameras": best["cameras"] if best else 0, "p50_ms": best["p50_ms"] if best else None,
-        "p95_ms": best["p95_ms"] if best else None,
-        "criterion": "backlog over the second half of a step grows < 5 % of the input rate and stays < 3 s of "
-                     "input; drained within drain_s after the step",
-        "recordings": [{"name": r.name, "frames": len(r.frames), "crops": r.crops} for r in recs],
-        "peer": {"name": "reference thesis server", "frames_per_s": THESIS_FRAMES_PER_S,
-                 "cameras_at_fps": THESIS_FRAMES_PER_S / a.fps},
-        "server_config": rig.cfg, "server_overrides": a.set, "rss_final_bytes": rss_final,
-        "players": {"processes": a.players, "linger_ms": a.linger_ms},
-        "machine": {"cpus": os.cpu_count(), "load_avg": os.getloadavg(), "python": platform.python_version()},
-        "steps": steps,
-    }
-    a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(result, indent=1))
     try:
         chart(result, a.out.with_suffix(".png"))

@@ -23,7 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.kafka import consumer_config, producer_config
@@ -228,6 +236,7 @@ class ReidConsumer:
         deadline: float | None = None
         while not self.stop.is_set():
             self.last_loop_at = time.monotonic()
+            want = 0
             if self._pending:
                 parsed, msgs = list(self._pending), []
                 self._pending.clear()
@@ -253,9 +262,11 @@ class ReidConsumer:
                 if item.record is not None:
                     n_crops += len(item.record["crops"])
                 if deadline is None:
-                    deadline = time.monotonic() + b.max_wait_ms / 1000
+                    deadline = time.monotonic() + _batch_wait_s(item.msg, b.max_wait_ms / 1000)
+            # Past the deadline, keep taking what the client already holds (no waiting) until it runs dry.
+            drained = not msgs or len(msgs) < want
             if items and (n_crops >= b.max_crops or len(items) >= b.max_messages
-                          or (deadline is not None and time.monotonic() >= deadline)):
+                          or (deadline is not None and time.monotonic() >= deadline and drained)):
                 break
             if not items and not parsed:
                 break  # idle: let the caller refresh lag and check the stop event
@@ -538,6 +549,18 @@ class ReidConsumer:
                     self.metrics.lag.labels(str(tp.partition)).set(max(0, hi - tp.offset))
         except KafkaException as exc:
             log.debug("lag refresh failed: %s", exc)
+
+
+def _batch_wait_s(first: Message, max_wait_s: float) -> float:
+    """How long a batch may still wait for more messages after its first one: ``max_wait_s`` counted from
+    when that message was produced, not from when this consumer got it. Under a backlog the first message
+    is already old, so the batch takes what is queued and closes at once instead of adding the full wait
+    to every message's latency. Never longer than ``max_wait_s`` (a producer clock running ahead)."""
+    ts_type, ts_ms = first.timestamp()
+    if ts_type == TIMESTAMP_NOT_AVAILABLE or ts_ms <= 0:
+        return max_wait_s
+    age = time.time() - ts_ms / 1000
+    return min(max_wait_s, max(0.0, max_wait_s - age))
 
 
 def _track_ids(rec: dict[str, Any] | None) -> set[int]:
