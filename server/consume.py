@@ -544,8 +544,10 @@ class ReidConsumer:
         try:
             positions = self.consumer.position(self._assigned)
             for tp in positions:
-                _lo, hi = self.consumer.get_watermark_offsets(tp, timeout=1.0, cached=False)
-                if tp.offset >= 0:
+                # Cached: the high watermark of the last fetch response, no broker round trip. Asking the broker
+                # (up to 1 s per partition) stalled the loop for seconds at a time when the broker was busy.
+                _lo, hi = self.consumer.get_watermark_offsets(tp, cached=True)
+                if tp.offset >= 0 and hi >= 0:
                     self.metrics.lag.labels(str(tp.partition)).set(max(0, hi - tp.offset))
         except KafkaException as exc:
             log.debug("lag refresh failed: %s", exc)
