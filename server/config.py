@@ -49,6 +49,9 @@ class BatchSettings(StrictModel):
     max_messages: int = Field(2_000, ge=1, le=100_000)
     max_wait_ms: float = Field(50.0, ge=0.0, le=10_000.0, description="Latency deadline of a batch.")
     decode_threads: int = Field(0, ge=0, le=256, description="JPEG decode threads (0 = allowed CPUs).")
+    pipelined_commit: bool = Field(True, description="Commit a batch (SQL, Qdrant mirror hand-off, reid_output) on "
+                                   "a writer thread while the next batch is collected and matched; offsets are still "
+                                   "stored strictly in order and only after their batch committed.")
     gpu_jpeg: bool = Field(True, description="When the embedder runs on CUDA with nvJPEG and gender is off, hand "
                            "it the JPEG bytes (decoded and resized on the GPU) instead of decoding on the CPU; "
                            "a batch with a crop nvJPEG rejects is redone on the CPU path.")

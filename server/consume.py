@@ -98,6 +98,19 @@ class Prepared:
     males: np.ndarray | None
 
 
+@dataclass
+class Commit:
+    """A matched batch on its way to durability: rows, vector changes, output messages and dead letters."""
+
+    items: Sequence[Item]
+    ok: list[Item]
+    n_crops: int
+    batch: BatchWrite
+    outputs: list[tuple[bytes, bytes]]
+    dead: list[Item]
+    vector_changes: dict[str, Any] | None  # the cache's changes for the Qdrant mirror (None: store writes itself)
+
+
 class ReidConsumer:
     def __init__(self, cfg: ServerConfig, *, stop: StopSignal | None = None,
                  registry: CollectorRegistry | None = None, embedder: Any = None, gender: Any = None) -> None:
@@ -137,6 +150,9 @@ class ReidConsumer:
                              and getattr(self.embedder, "decodes_jpegs", False))
         threads = cfg.batch.decode_threads or allowed_cpus()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jpeg")
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") \
+            if cfg.batch.pipelined_commit else None
+        self._inflight: tuple[Sequence[Item], Future[None]] | None = None
         self._delivery_errors: list[str] = []
         self._pending: collections.deque[Item] = collections.deque()
         self._assigned: list[TopicPartition] = []
@@ -173,6 +189,7 @@ class ReidConsumer:
 
     def _on_revoke(self, _c: Consumer, parts: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in parts]})
+        self.await_commit()  # store the in-flight batch's offsets while the partitions are still ours
         # Messages of revoked partitions not yet processed belong to their next owner now.
         revoked = {(p.topic, p.partition) for p in parts}
         self._pending = collections.deque(it for it in self._pending
@@ -219,6 +236,12 @@ class ReidConsumer:
             worker.shutdown(wait=True)
 
     def close(self) -> None:
+        try:
+            self.await_commit()  # the last batch's offsets, if its commit succeeds
+        except Exception as exc:  # its batch is simply redelivered
+            log.warning("last batch did not commit, it will be redelivered: %s", exc)
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
         try:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
@@ -397,32 +420,59 @@ class ReidConsumer:
         self.matcher.write_rows(batch)
         t4 = time.perf_counter()
         m.stage.labels("match").observe(t4 - t3)
-        self.store.write(batch)  # analytics rows and the gallery's durable copy: one transaction
-        self.vectors.flush()  # then the Qdrant mirror (asynchronous behind the cache; it may lag, never lead)
-        t5 = time.perf_counter()
-        m.stage.labels("vectors_store").observe(t5 - t4)
+        take = getattr(self.vectors, "take_changes", None)
+        work = Commit(items, ok, len(todo), batch, outputs, [it for it in items if it.error is not None],
+                      take() if take is not None else None)
+        if self._committer is None:
+            self._commit(work)
+            self._store_offsets(items)
+            return
+        # Pipelined: this batch's SQL commit, mirror hand-off and produce run on the commit thread while the
+        # next batch is collected and matched here. One commit in flight at a time, strictly in order, and
+        # offsets are stored here only once their batch's commit has finished.
+        self.await_commit()
+        self._inflight = (items, self._committer.submit(self._commit, work))
 
-        dead = [it for it in items if it.error is not None]
-        self._produce(outputs, dead)
-        t6 = time.perf_counter()
-        m.stage.labels("produce").observe(t6 - t5)
+    def await_commit(self) -> None:
+        """Wait for the batch being committed, then store its offsets (a failed commit raises here and its
+        offsets are never stored: the batch is redelivered and rewritten idempotently)."""
+        if self._inflight is None:
+            return
+        items, fut = self._inflight
+        self._inflight = None
+        fut.result()
         self._store_offsets(items)
 
+    def _commit(self, c: Commit) -> None:
+        """Store, mirror, produce (then the caller stores offsets): the durable half of a batch."""
+        m = self.metrics
+        t4 = time.perf_counter()
+        self.store.write(c.batch)  # analytics rows and the gallery's durable copy: one transaction
+        if c.vector_changes is not None:  # then the Qdrant mirror (asynchronous; it may lag, never lead)
+            self.vectors.submit_changes(c.vector_changes)  # type: ignore[attr-defined]
+        else:
+            self.vectors.flush()
+        t5 = time.perf_counter()
+        m.stage.labels("vectors_store").observe(t5 - t4)
+        self._produce(c.outputs, c.dead)
+        t6 = time.perf_counter()
+        m.stage.labels("produce").observe(t6 - t5)
+
         done_us = time.time_ns() // 1000
-        for it in ok:
+        for it in c.ok:
             m.e2e.observe(max(0.0, (done_us - it.record["captured_at_us"]) / 1e6))  # type: ignore[index]
-        m.messages.labels("ok").inc(len(ok))
-        m.messages.labels("dlq").inc(len(dead))
-        for it in dead:
+        m.messages.labels("ok").inc(len(c.ok))
+        m.messages.labels("dlq").inc(len(c.dead))
+        for it in c.dead:
             m.dlq.labels(it.error[0]).inc()  # type: ignore[index]
-        m.crops.inc(len(todo))
-        m.batch_crops.observe(len(todo))
-        m.batch_messages.observe(len(items))
+        m.crops.inc(c.n_crops)
+        m.batch_crops.observe(c.n_crops)
+        m.batch_messages.observe(len(c.items))
         m.identities.set(self.matcher.gallery_size())
         m.mirror_lag.set(getattr(self.vectors, "mirror_lag", lambda: 0)())
         for kind in ("matched", "new", "merged"):
             m.assignments.labels(kind)  # make the series exist
-        self._tick_rate(len(todo))
+        self._tick_rate(c.n_crops)
         self.batches += 1
         self.last_batch_at = time.monotonic()
 

@@ -285,10 +285,16 @@ class CachedVectorStore:
     def flush(self) -> None:
         """Hand this batch's changes to the mirror. Call only after the SQL transaction holding them
         committed: the mirror may then lag, never lead. Blocks while the mirror is ``max_pending`` behind."""
-        if not self._pending:
-            return
+        self.submit_changes(self.take_changes())
+
+    def take_changes(self) -> dict[str, Prototype | None]:
+        """The changes since the last call (a pipelined consumer takes them with its batch and submits them
+        from its commit thread once that batch's SQL transaction committed)."""
         changes, self._pending = self._pending, {}
-        if self.mirror is not None:
+        return changes
+
+    def submit_changes(self, changes: dict[str, Prototype | None]) -> None:
+        if changes and self.mirror is not None:
             self.mirror.submit(changes)
 
     def retrieve(self, point_ids: Sequence[str]) -> dict[str, Prototype]:
