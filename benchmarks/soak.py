@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.8)
     p.add_argument("--fps", type=float, default=15.0)
     p.add_argument("--players", type=int, default=1)
+    p.add_argument("--linger-ms", type=float, default=20.0, help="players' producer linger.ms (as appliances)")
     p.add_argument("--server-config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
