@@ -37,6 +37,7 @@ import yaml
 
 from benchmarks.replay import DEFAULT_DIR, ensure_recordings
 from common.assets import REPO_ROOT
+from common.kafka import LINGER_MS
 
 THESIS_FRAMES_PER_S = 170.0
 RESULTS = REPO_ROOT / "results"
@@ -107,26 +108,26 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
-def scrape(port: int, name: str) -> float | None:
+def _metric_lines(port: int) -> list[str]:
+    """The server's Prometheus exposition, line by line ([] while it does not answer)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[-1])
+            return r.read().decode().splitlines()
     except OSError:
-        return None
+        return []
+
+
+def scrape(port: int, name: str) -> float | None:
+    for line in _metric_lines(port):
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
     return None
 
 
 def scrape_server(port: int) -> dict[str, float]:
     """Sums and counts of the server's stage and capture→stored histograms (for per-step deltas)."""
     out: dict[str, float] = {}
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=3) as r:
-            text = r.read().decode()
-    except OSError:
-        return out
-    for line in text.splitlines():
+    for line in _metric_lines(port):
         if line.startswith(("reidfleet_server_stage_seconds_sum", "reidfleet_server_stage_seconds_count",
                             "reidfleet_server_frame_latency_seconds_sum",
                             "reidfleet_server_frame_latency_seconds_count", "reidfleet_server_batch_messages_sum",
@@ -388,8 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-cameras", type=int, default=1024)
     p.add_argument("--bisect", type=int, default=3, help="bisection steps after the first failing step")
     p.add_argument("--players", type=int, default=1, help="player processes (more on many-core machines)")
-    p.add_argument("--linger-ms", type=float, default=20.0,
-                   help="players' producer linger.ms (20 = what appliances use: common.kafka.producer_config)")
+    p.add_argument("--linger-ms", type=float, default=LINGER_MS,
+                   help=f"players' producer linger.ms (default {LINGER_MS}: what appliances use)")
     p.add_argument("--server-config", default=None, help="server YAML (default: built-in defaults)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="server --set override")
     p.add_argument("--device", default="cpu", help="label for the result (cpu, h100, ...)")

@@ -184,7 +184,7 @@ class Player:
 
     def __init__(self, bootstrap: str, topic: str, recordings: list[Recording], cameras: int, fps: float, *,
                  prefix: str = "replay", first_camera: int = 0, camera_id: str = "cam-1",
-                 linger_ms: float = 20.0) -> None:
+                 linger_ms: float | None = None) -> None:
         from confluent_kafka import Producer
 
         from common.kafka import producer_config
@@ -195,7 +195,8 @@ class Player:
         self.topic, self.recordings, self.cameras, self.fps = topic, recordings, cameras, fps
         self.prefix, self.first_camera, self.camera_id = prefix, first_camera, camera_id
         self.codec = AvroCodec("edge_frame")
-        self.producer = Producer(producer_config(bootstrap, f"replay-{prefix}", **{"linger.ms": linger_ms}))
+        overrides = {} if linger_ms is None else {"linger.ms": linger_ms}  # default: the appliances' own
+        self.producer = Producer(producer_config(bootstrap, f"replay-{prefix}", **overrides))
         self.produced = 0
         self.acked = 0
         self.errors = 0
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     pl.add_argument("--fps", type=float, default=15.0)
     pl.add_argument("--duration-s", type=float, default=60.0)
     pl.add_argument("--prefix", default="replay", help="device id prefix")
-    pl.add_argument("--linger-ms", type=float, default=20.0, help="producer linger (20 = what appliances use)")
+    pl.add_argument("--linger-ms", type=float, default=None, help="producer linger.ms (default: the appliances')")
     a = p.parse_args(argv)
     setup_logging("replay")
     if a.command == "record":

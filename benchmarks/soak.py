@@ -21,6 +21,7 @@ import numpy as np
 
 from benchmarks.bench_load import RESULTS, Rig
 from benchmarks.replay import DEFAULT_DIR, ensure_recordings
+from common.kafka import LINGER_MS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fraction", type=float, default=0.8)
     p.add_argument("--fps", type=float, default=15.0)
     p.add_argument("--players", type=int, default=1)
-    p.add_argument("--linger-ms", type=float, default=20.0, help="players' producer linger.ms (as appliances)")
+    p.add_argument("--linger-ms", type=float, default=LINGER_MS, help="players' producer linger.ms (as appliances)")
     p.add_argument("--server-config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json")

@@ -19,6 +19,9 @@ from schemas.topics import MAX_MESSAGE_BYTES, PRODUCTION_TOPICS, TopicSpec
 log = logging.getLogger(__name__)
 
 
+LINGER_MS = 20  # the appliances' producer batching delay; load generators replay with the same
+
+
 def producer_config(bootstrap: str, client_id: str, **overrides: Any) -> dict[str, Any]:
     """Reliable, ordered, compressed producer: idempotent + acks=all keeps per-key order across retries."""
     cfg: dict[str, Any] = {
@@ -27,7 +30,7 @@ def producer_config(bootstrap: str, client_id: str, **overrides: Any) -> dict[st
         "enable.idempotence": True,
         "acks": "all",
         "compression.type": "zstd",
-        "linger.ms": 20,
+        "linger.ms": LINGER_MS,
         "batch.size": 1_000_000,
         "message.max.bytes": MAX_MESSAGE_BYTES + 1_000_000,
         # Retry forever within the delivery timeout; the appliance spools what still fails.

@@ -108,7 +108,7 @@ class Commit:
     batch: BatchWrite
     outputs: list[tuple[bytes, bytes]]
     dead: list[Item]
-    vector_changes: dict[str, Any] | None  # the cache's changes for the Qdrant mirror (None: store writes itself)
+    vector_changes: dict[str, Prototype | None]  # the cache's changes for the Qdrant mirror
 
 
 class ReidConsumer:
@@ -348,8 +348,7 @@ class ReidConsumer:
         t1 = time.perf_counter()
         m.stage.labels("decode").observe(t1 - t0)
 
-        q = self.cfg.identity.min_crop_quality
-        todo = [(i, c) for i, it in enumerate(ok) for c in it.crops if c.quality >= q]
+        todo = self._todo(ok)
         images: list[np.ndarray] = [c.image_bgr for _, c in todo]  # type: ignore[misc]
         embs = self.embedder.embed(images) if images else np.zeros((0, self.embedder.dim), np.float32)
         t2 = time.perf_counter()
@@ -373,8 +372,7 @@ class ReidConsumer:
             except InvalidFrame as exc:
                 it.error, it.record = (exc.error_type, exc.reason), None
         ok = [it for it in items if it.record is not None]
-        q = self.cfg.identity.min_crop_quality
-        todo = [(i, c) for i, it in enumerate(ok) for c in it.crops if c.quality >= q]
+        todo = self._todo(ok)
         t1 = time.perf_counter()
         m.stage.labels("decode").observe(t1 - t0)
         embs = self.embedder.embed_jpegs([c.jpeg for _, c in todo]) if todo else \
@@ -382,6 +380,11 @@ class ReidConsumer:
         m.stage.labels("embed").observe(time.perf_counter() - t1)
         m.stage.labels("gender").observe(0.0)
         return Prepared(ok, todo, embs, None)
+
+    def _todo(self, ok: list[Item]) -> list[tuple[int, DecodedCrop]]:
+        """(item index, crop) of every crop good enough to embed."""
+        q = self.cfg.identity.min_crop_quality
+        return [(i, c) for i, it in enumerate(ok) for c in it.crops if c.quality >= q]
 
     def finish(self, items: Sequence[Item], prep: Prepared) -> None:
         """Match, store, produce, then store offsets: always on the consumer's own thread, batch after batch."""
@@ -420,9 +423,8 @@ class ReidConsumer:
         self.matcher.write_rows(batch)
         t4 = time.perf_counter()
         m.stage.labels("match").observe(t4 - t3)
-        take = getattr(self.vectors, "take_changes", None)
         work = Commit(items, ok, len(todo), batch, outputs, [it for it in items if it.error is not None],
-                      take() if take is not None else None)
+                      self.vectors.take_changes())
         if self._committer is None:
             self._commit(work)
             self._store_offsets(items)
@@ -448,10 +450,7 @@ class ReidConsumer:
         m = self.metrics
         t4 = time.perf_counter()
         self.store.write(c.batch)  # analytics rows and the gallery's durable copy: one transaction
-        if c.vector_changes is not None:  # then the Qdrant mirror (asynchronous; it may lag, never lead)
-            self.vectors.submit_changes(c.vector_changes)  # type: ignore[attr-defined]
-        else:
-            self.vectors.flush()
+        self.vectors.submit_changes(c.vector_changes)  # then the Qdrant mirror (asynchronous: may lag, never lead)
         t5 = time.perf_counter()
         m.stage.labels("vectors_store").observe(t5 - t4)
         self._produce(c.outputs, c.dead)
@@ -504,23 +503,12 @@ class ReidConsumer:
         dev, cam, at_us = rec["device_id"], rec["camera_id"], rec["captured_at_us"]
         people = []
         bucket = at_us - at_us % self.bucket_us
-        sightings = batch.sightings
         for d, t in boxes:
             xyxy = (d["x1"], d["y1"], d["x2"], d["y2"])
             if t is None:
                 people.append(results.person(-1, xyxy, None, 0.0, False, None))
                 continue
-            key = (t.track_uid, bucket)
-            row = sightings.get(key)
-            if row is None:
-                sightings[key] = {"track_uid": t.track_uid, "bucket_start_us": bucket, "device_id": dev,
-                                  "camera_id": cam, "global_id": t.global_id, "first_seen_us": at_us,
-                                  "last_seen_us": at_us}
-            else:
-                row["first_seen_us"] = min(row["first_seen_us"], at_us)
-                row["last_seen_us"] = max(row["last_seen_us"], at_us)
-                if t.global_id is not None:
-                    row["global_id"] = t.global_id
+            batch.add_sighting(t.track_uid, bucket, dev, cam, t.global_id, at_us)
             people.append(results.person(d["track_id"], xyxy, t.global_id, t.similarity or 0.0, t.founded,
                                          t.male_probability))
         return results.reid_result(rec, people, self.embedder.model_id, now_us)

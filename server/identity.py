@@ -82,12 +82,6 @@ class TrackState:
     def male_probability(self) -> float | None:
         return self.male_sum / self.male_weight if self.male_weight > 0 else None
 
-    def fused(self) -> np.ndarray | None:
-        if self.emb_sum is None:
-            return None
-        n = float(np.linalg.norm(self.emb_sum))
-        return (self.emb_sum / max(n, 1e-12)).astype(np.float32)
-
 
 @dataclass
 class IdentityState:
@@ -230,14 +224,6 @@ class IdentityMatcher:
             t.male_sum += float(w @ np.asarray(male_probabilities, dtype=np.float32).reshape(-1))
             t.male_weight += float(w.sum())
 
-    def add_crop(self, t: TrackState, embedding: np.ndarray, male_probability: float | None, quality: float,
-                 at_us: int, batch: BatchWrite) -> Assignment:
-        """One crop, matched at once (tools and tests; the consumer batches with add_crops + match_batch)."""
-        self.add_crops(t, np.asarray(embedding, dtype=np.float32).reshape(1, -1),
-                       None if male_probability is None else np.array([male_probability], np.float32),
-                       np.array([quality], np.float32))
-        return self.match_batch([t], at_us, batch)[0]
-
     def match_batch(self, tracks: list[TrackState], at_us: int, batch: BatchWrite) -> list[Assignment]:
         """Assign (or re-match) every track that got crops in this batch, in the given order, and refresh
         their prototypes. ``at_us`` is the batch's latest capture time (identity bookkeeping only)."""
@@ -263,7 +249,7 @@ class IdentityMatcher:
 
             def candidates(i: int = i, r: int | None = r) -> list[tuple[str, float]]:
                 assert r is not None and inside is not None
-                return self._merge_candidates(pre[r], inside[r, :i], tracks, written)
+                return self._merge_candidates(pre[r], inside[r, :i], tracks, written, floor)
 
             if t.global_id is None:
                 a = self._assign(t, own.get(t.track_uid), candidates, at_us, batch)
@@ -278,7 +264,7 @@ class IdentityMatcher:
         return out
 
     def _merge_candidates(self, gallery: list[Neighbour], inside: np.ndarray, tracks: list[TrackState],
-                          written: set[str]) -> list[tuple[str, float]]:
+                          written: set[str], floor: float) -> list[tuple[str, float]]:
         """The ``candidates`` best identities by cosine: the gallery as it was before the batch (minus
         points the batch rewrote or deleted) plus the prototypes of the batch's earlier tracks."""
         best: dict[str, float] = {}
@@ -288,7 +274,7 @@ class IdentityMatcher:
             if n.score > best.get(n.global_id, -2.0):
                 best[n.global_id] = n.score
         if len(inside):
-            hits = np.flatnonzero(inside >= self._score_floor())
+            hits = np.flatnonzero(inside >= floor)
             k = self.cfg.candidates * self.cfg.prototypes_per_identity
             if len(hits) > k:
                 hits = hits[np.argpartition(-inside[hits], k - 1)[:k]]

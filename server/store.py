@@ -131,6 +131,22 @@ class BatchWrite:
     prototypes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     drop_identities: set[str] = field(default_factory=set)  # delete every prototype of these identities
 
+    def add_sighting(self, track_uid: str, bucket_start_us: int, device_id: str, camera_id: str,
+                     global_id: str | None, at_us: int) -> None:
+        """One box of a track: :meth:`merge_row` on ``sightings`` without building a row per box (this runs
+        for every person box of every frame)."""
+        key = (track_uid, bucket_start_us)
+        row = self.sightings.get(key)
+        if row is None:
+            self.sightings[key] = {"track_uid": track_uid, "bucket_start_us": bucket_start_us,
+                                   "device_id": device_id, "camera_id": camera_id, "global_id": global_id,
+                                   "first_seen_us": at_us, "last_seen_us": at_us}
+            return
+        row["first_seen_us"] = min(row["first_seen_us"], at_us)
+        row["last_seen_us"] = max(row["last_seen_us"], at_us)
+        if global_id is not None:
+            row["global_id"] = global_id
+
     def merge_row(self, table: dict[Any, dict[str, Any]], key: Any, row: dict[str, Any]) -> None:
         """Fold a row into the batch with the same min/max rules the database applies."""
         old = table.get(key)

@@ -33,6 +33,20 @@ class Neighbour(NamedTuple):
     score: float  # cosine similarity
 
 
+def best_per_identity(hits: Iterable[Neighbour], limit: int) -> list[Neighbour]:
+    """Hits sorted best first → the best hit of each of the first ``limit`` identities."""
+    out: list[Neighbour] = []
+    seen: set[str] = set()
+    for h in hits:
+        if h.global_id in seen:
+            continue
+        seen.add(h.global_id)
+        out.append(h)
+        if len(out) == limit:
+            break
+    return out
+
+
 @runtime_checkable
 class VectorStore(Protocol):
     dim: int
@@ -64,8 +78,16 @@ class VectorStore(Protocol):
     def count(self) -> int: ...
 
     def flush(self) -> None:
-        """Hand over every change so far (the consumer calls it once per batch, after the SQL commit that
-        made the batch's prototypes durable)."""
+        """Hand over every change so far (after the SQL commit that made them durable)."""
+        ...
+
+    def take_changes(self) -> dict[str, Prototype | None]:
+        """The changes since the last call that still have to reach a mirror ({} for a store that writes
+        through itself); the consumer takes them with a batch and submits them once that batch committed."""
+        ...
+
+    def submit_changes(self, changes: dict[str, Prototype | None]) -> None:
+        """Hand ``changes`` (from :meth:`take_changes`) to the mirror."""
         ...
 
     def close(self) -> None: ...

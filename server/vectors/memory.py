@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from server.vectors.base import Neighbour, Prototype, VectorStore
+from server.vectors.base import Neighbour, Prototype, VectorStore, best_per_identity
 
 log = logging.getLogger(__name__)
 
@@ -138,21 +138,8 @@ class MemoryVectorStore:
         return out
 
     def _best_per_identity(self, rows: list[int], sims: list[float], limit: int) -> list[Neighbour]:
-        """Rows sorted best first → the best row of each of the first ``limit`` identities."""
-        out: list[Neighbour] = []
-        seen: set[str] = set()
-        for row, sim in zip(rows, sims, strict=True):
-            gid = self._gids[row]
-            if gid in seen:
-                continue
-            seen.add(gid)
-            out.append(Neighbour(gid, self._point_ids[row], sim))
-            if len(out) == limit:
-                break
-        return out
-
-    def has(self, point_id: str) -> bool:
-        return point_id in self._row_of
+        return best_per_identity((Neighbour(self._gids[r], self._point_ids[r], sim)
+                                  for r, sim in zip(rows, sims, strict=True)), limit)
 
     def _remove_row(self, row: int) -> None:
         last = self._n - 1
@@ -198,6 +185,12 @@ class MemoryVectorStore:
         return self._n
 
     def flush(self) -> None:
+        return None
+
+    def take_changes(self) -> dict[str, Prototype | None]:
+        return {}  # nothing to mirror
+
+    def submit_changes(self, changes: dict[str, Prototype | None]) -> None:
         return None
 
     def close(self) -> None:

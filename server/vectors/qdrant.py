@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from server.vectors.base import Neighbour, Prototype, collection_name
+from server.vectors.base import Neighbour, Prototype, best_per_identity, collection_name
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +84,8 @@ class QdrantVectorStore:
         out: list[list[Neighbour]] = []
         for s in range(0, len(reqs), 256):  # bounded request size for a server
             for res in self.client.query_batch_points(self.collection, requests=reqs[s:s + 256]):
-                hits: list[Neighbour] = []
-                seen: set[str] = set()
-                for pt in res.points:
-                    gid = str(pt.payload["global_id"])  # type: ignore[index]
-                    if gid in seen:
-                        continue
-                    seen.add(gid)
-                    hits.append(Neighbour(gid, str(pt.id), float(pt.score)))
-                    if len(hits) == limit:
-                        break
-                out.append(hits)
+                out.append(best_per_identity((Neighbour(str(pt.payload["global_id"]), str(pt.id),  # type: ignore[index]
+                                                        float(pt.score)) for pt in res.points), limit))
         return out
 
     def delete_points(self, point_ids: Sequence[str]) -> None:
@@ -146,6 +137,12 @@ class QdrantVectorStore:
 
     def flush(self) -> None:
         return None  # every call above already waited for Qdrant
+
+    def take_changes(self) -> dict[str, Prototype | None]:
+        return {}  # written through: nothing to mirror
+
+    def submit_changes(self, changes: dict[str, Prototype | None]) -> None:
+        return None
 
     def close(self) -> None:
         self.client.close()

@@ -100,7 +100,7 @@ def run_outage(tmp_path: Path, outage_s: float) -> None:
         kafka.close()
 
 
-@pytest.mark.slow  # see docs/faults.md: the server stalls after a durable-tansu restart; under investigation
+@pytest.mark.slow  # docs/faults.md "Known issue": results re-ordered after a durable-tansu restart; open
 def test_broker_outage_20s_loses_nothing(tmp_path: Path) -> None:
     run_outage(tmp_path, 20.0)
 
