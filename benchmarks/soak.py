@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         memory[name] = {"start_mb": round(vals[0] / 2**20, 1), "end_mb": round(vals[-1] / 2**20, 1),
                         "peak_mb": round(max(vals) / 2**20, 1),
                         "growth_after_warmup_mb": round((vals[-1] - warm) / 2**20, 1)}
-    lat = [lt for _t, lt in samples]
+    lat = [s[1] for s in samples]
     result = {"bench": "soak", "minutes": a.minutes, "cameras": cameras, "fps": a.fps, "sent": run["sent"],
               "drained": drained, "max_backlog_frames": max((s["backlog"] for s in series), default=0),
               "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1) if lat else None,

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     setup_logging("server", cfg.log_level)
     stop = StopSignal()
-    from server.consume import ReidConsumer
+    from server.consume import ReidConsumer, run_forever
 
     with ExitStack() as stack:
         try:
@@ -53,10 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             log.error("cannot start: %s", exc)
             return 1
-        health = HealthServer(consumer.registry, consumer.health, cfg.health.host, cfg.health.port)
+        current = [consumer]  # health follows the consumer that run_forever restarts after a failed delivery
+        health = HealthServer(consumer.registry, lambda: current[0].health(), cfg.health.host, cfg.health.port)
         stack.enter_context(health)
         log.info("server running", extra={"embedder": consumer.embedder.model_id, "health_port": health.port,
                                           "bootstrap": cfg.kafka.bootstrap})
-        consumer.run()
+        run_forever(cfg, stop, on_ready=lambda c: current.__setitem__(0, c), consumer=consumer)
     log.info("server stopped", extra={"reason": stop.reason})
     return 0

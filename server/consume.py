@@ -50,8 +50,15 @@ log = logging.getLogger(__name__)
 _STAGES = ("decode", "embed", "gender", "match", "vectors_store", "produce")
 
 
+class DeliveryFailed(RuntimeError):
+    """A batch's results or dead letters were refused (not merely delayed) by the broker, or the server was
+    stopped while they waited: its offsets were not stored, so the batch is redelivered. :func:`run_forever`
+    starts a fresh consumer on it (state reloaded from the analytics store) instead of exiting."""
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
         p = "reidfleet_server_"
         self.messages = Counter(p + "messages_total", "Edge frames consumed, by outcome", ["outcome"],
                                 registry=registry)
@@ -65,6 +72,9 @@ class Metrics:
                                buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
         self.e2e = Histogram(p + "frame_latency_seconds", "Capture to stored result, per frame", registry=registry,
                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
+        self.input_delay = Histogram(p + "input_delay_seconds", "Produced (the message's timestamp) to taken into "
+                                     "a batch, per frame: producer linger, broker and fetch", registry=registry,
+                                     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
         self.lag = Gauge(p + "consumer_lag_messages", "High watermark minus position", ["partition"],
                          registry=registry)
         self.crops_per_s = Gauge(p + "crops_per_second", "Crops embedded per second over the last ~10 s",
@@ -113,14 +123,18 @@ class Commit:
 
 class ReidConsumer:
     def __init__(self, cfg: ServerConfig, *, stop: StopSignal | None = None,
-                 registry: CollectorRegistry | None = None, embedder: Any = None, gender: Any = None) -> None:
+                 registry: CollectorRegistry | None = None, embedder: Any = None, gender: Any = None,
+                 metrics: Metrics | None = None) -> None:
         from server.attributes import build_gender
         from server.embed.base import build_embedder
 
         self.cfg = cfg
         self.stop = stop or StopSignal(install_handlers=False)
-        self.registry = registry or CollectorRegistry()
-        self.metrics = Metrics(self.registry)
+        if metrics is not None:  # a restarted consumer keeps counting into the same series
+            self.registry, self.metrics = metrics.registry, metrics
+        else:
+            self.registry = registry or CollectorRegistry()
+            self.metrics = Metrics(self.registry)
         self.embedder = embedder or build_embedder(cfg.embedder, assets=cfg.assets)
         self.gender = gender if gender is not None or cfg.gender.mode == "off" else \
             build_gender(cfg.gender.model, assets=cfg.assets)
@@ -142,7 +156,14 @@ class ReidConsumer:
                 "fetch.wait.max.ms": k.fetch_max_wait_ms,
                 "enable.partition.eof": False,
                 **k.extra}))
-        self.producer = Producer(producer_config(k.bootstrap, k.client_id + "-out", **k.extra))
+        self.producer = Producer(producer_config(k.bootstrap, k.client_id + "-out", **{
+            # Results wait for the broker as long as it is away (the input cannot be fetched meanwhile either):
+            # no timeout turns a long outage into a failed batch. One request in flight per connection keeps
+            # reid_output in frame order even on a broker that loses an acknowledged-looking request in a crash
+            # (idempotence alone relies on the broker's producer-state bookkeeping, which tansu lost once).
+            "message.timeout.ms": 0,
+            "max.in.flight.requests.per.connection": 1,
+            **k.extra}))
         self.codec = AvroCodec("edge_frame")
         self.dlq_codec = AvroCodec("dead_letter")
         # nvJPEG path: the embedder decodes JPEG bytes on the GPU (gender needs CPU pixels, so not with it).
@@ -158,6 +179,7 @@ class ReidConsumer:
         self._assigned: list[TopicPartition] = []
         self.last_loop_at = time.monotonic()
         self.last_batch_at: float | None = None
+        self.output_waiting_since: float | None = None  # results held by a broker outage (health shows it)
         self.batches = 0
         self._rate: list[tuple[float, int]] = []
         self._lag_at = 0.0
@@ -179,7 +201,10 @@ class ReidConsumer:
     # --- lifecycle -------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
         stalled = time.monotonic() - self.last_loop_at > self.cfg.kafka.max_poll_interval_ms / 1000 / 2
+        waiting = self.output_waiting_since
         return {"ok": not stalled, "batches": self.batches, "gallery_identities": self.matcher.gallery_size(),
+                "degraded": [f"kafka: results waiting for the broker for {time.monotonic() - waiting:.0f} s"]
+                if waiting is not None else [],
                 "partitions": [tp.partition for tp in self._assigned], "embedder": self.embedder.model_id,
                 "matcher": dict(self.matcher.stats)}
 
@@ -246,7 +271,11 @@ class ReidConsumer:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("consumer close failed: %s", exc)
-        self.producer.flush(10)
+        if self.producer.flush(10):
+            # Undelivered results of a batch whose offsets were never stored: it is redelivered to whoever
+            # consumes next. Dropped here so a late delivery can never land after that replay's results.
+            self.producer.purge()
+            self.producer.flush(0)
         self.pool.shutdown(wait=True)
         self.vectors.close()
         self.store.close()
@@ -307,6 +336,9 @@ class ReidConsumer:
 
     def _parse(self, m: Message) -> Item:
         item = Item(m)
+        ts_type, ts_ms = m.timestamp()
+        if ts_type != TIMESTAMP_NOT_AVAILABLE and ts_ms > 0:
+            self.metrics.input_delay.observe(max(0.0, time.time() - ts_ms / 1000))
         try:
             rec = self.codec.decode(m.value() or b"")
             check_frame(rec, self.cfg.validation)
@@ -541,11 +573,24 @@ class ReidConsumer:
                 "source_topic": msg.topic(), "source_partition": msg.partition(), "source_offset": msg.offset(),
                 "key": msg.key(), "value": msg.value(), "reason": it.error[1], "error_type": it.error[0],
                 "consumer": self.instance, "failed_at_us": time.time_ns() // 1000}))
-        remaining = self.producer.flush(30)
+        remaining = self.producer.flush(1.0)
+        started = time.monotonic()
+        warned = started
+        while remaining and not self._delivery_errors:
+            # Broker away: wait for it (messages never time out), saying so in health and the log.
+            if self.stop.is_set():
+                break
+            self.output_waiting_since = started
+            if time.monotonic() - warned >= 10:
+                warned = time.monotonic()
+                log.warning("results waiting for the broker", extra={"undelivered": remaining,
+                                                                     "waiting_s": round(warned - started)})
+            remaining = self.producer.flush(1.0)
+        self.output_waiting_since = None
         if remaining or self._delivery_errors:
             errs, self._delivery_errors = self._delivery_errors[:5], []
             # Offsets are not stored: the batch will be redelivered and rewritten idempotently.
-            raise RuntimeError(f"could not deliver results/dead letters ({remaining} undelivered): {errs}")
+            raise DeliveryFailed(f"could not deliver results/dead letters ({remaining} undelivered): {errs}")
 
     def _store_offsets(self, items: Sequence[Item]) -> None:
         last: dict[tuple[str, int], int] = {}
@@ -612,8 +657,31 @@ def _track_ids(rec: dict[str, Any] | None) -> set[int]:
     return ids
 
 
-def run_forever(cfg: ServerConfig, stop: StopSignal, on_ready: Callable[[ReidConsumer], None] | None = None) -> None:
-    consumer = ReidConsumer(cfg, stop=stop)
-    if on_ready:
-        on_ready(consumer)
-    consumer.run()
+def run_forever(cfg: ServerConfig, stop: StopSignal, on_ready: Callable[[ReidConsumer], None] | None = None,
+                consumer: ReidConsumer | None = None) -> None:
+    """Run consumers until ``stop``: after a :class:`DeliveryFailed` or a fatal Kafka error a fresh consumer
+    (matcher state reloaded from the analytics store, the models and metrics kept) takes over from the
+    committed offsets after a backoff, as a process restart would, minus the model load. ``on_ready`` sees
+    each consumer before it runs."""
+    backoff = 1.0
+    prev: ReidConsumer | None = None
+    while not stop.is_set():
+        if consumer is None:
+            consumer = ReidConsumer(cfg, stop=stop, embedder=prev.embedder if prev else None,
+                                    gender=prev.gender if prev else None, metrics=prev.metrics if prev else None)
+        if on_ready:
+            on_ready(consumer)
+        started = time.monotonic()
+        try:
+            consumer.run()
+            return
+        except (DeliveryFailed, KafkaException) as exc:
+            if stop.is_set():
+                return
+            if time.monotonic() - started > 60:
+                backoff = 1.0  # it ran a while: a new fault, not the same one again
+            log.error("consumer failed, restarting from the committed offsets", extra={
+                "error": str(exc)[:500], "backoff_s": backoff})
+            prev, consumer = consumer, None
+            stop.wait(backoff)
+            backoff = min(backoff * 2, 30.0)
