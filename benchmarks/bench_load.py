@@ -138,6 +138,7 @@ def scrape_server(port: int) -> dict[str, float]:
                             "reidfleet_server_frame_latency_seconds_sum",
                             "reidfleet_server_frame_latency_seconds_count", "reidfleet_server_batch_messages_sum",
                             "reidfleet_server_input_delay_seconds_sum", "reidfleet_server_input_delay_seconds_count",
+                            "reidfleet_server_messages_total", "reidfleet_server_dlq_total",
                             "reidfleet_server_batch_messages_count")):
             name, _, value = line.rpartition(" ")
             out[name] = float(value)
@@ -158,6 +159,9 @@ def server_breakdown(before: dict[str, float], after: dict[str, float]) -> dict[
     n = d.get("reidfleet_server_frame_latency_seconds_count", 0.0)
     if n:
         out["server_capture_to_stored_mean_ms"] = round(d["reidfleet_server_frame_latency_seconds_sum"] / n * 1000, 1)
+    # Frames the server took in, by outcome (a step that does not drain: lost, dead-lettered or still queued?)
+    out["messages"] = {("dlq:" if "dlq_total" in k else "") + k.split('"')[1]: int(v) for k, v in d.items()
+                       if k.startswith(("reidfleet_server_messages_total{", "reidfleet_server_dlq_total{"))}
     n = d.get("reidfleet_server_input_delay_seconds_count", 0.0)
     if n:
         out["produced_to_batched_mean_ms"] = round(d["reidfleet_server_input_delay_seconds_sum"] / n * 1000, 1)
@@ -317,9 +321,9 @@ def step(rig: Rig, n: int, idx: int, args: argparse.Namespace) -> dict[str, Any]
     t_start = time.monotonic()
     metrics0 = scrape_server(rig.port)
     run = rig.play(prefix, n, args.step_s)
-    metrics1 = scrape_server(rig.port)
     t_end = time.monotonic()
     drained = rig.drain(prefix, run["sent"], args.drain_s)
+    metrics1 = scrape_server(rig.port)  # after the drain: the step's whole intake, stage times and outcomes
     with rig.reader.lock:
         run["samples"] = rig.reader.samples[start:]
     res = judge(run, n, args.fps, (t_start + (t_end - t_start) / 2, t_end))
