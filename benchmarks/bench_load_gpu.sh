@@ -14,5 +14,5 @@ embedder: {type: osnet_torch, device: cuda, batch_size: 512}
 gender: {mode: "off"}
 batch: {max_crops: 1024, max_messages: 4000, max_wait_ms: 25}
 YAML
-python3 -m benchmarks.bench_load --server-config /tmp/server-gpu.yaml --players 2 --device h100 \
+python3 -m benchmarks.bench_load --server-config /tmp/server-gpu.yaml --players 2 --device h200 \
   --out "${OUT:-results}/bench-load-gpu.json" "$@" 2>&1 | grep -v "^%"
