@@ -243,7 +243,8 @@ class Rig:
             done = self.reader.count(prefix + "-")
             series.append({"t": round(time.monotonic() - t0, 2), "sent": sent, "done": done,
                            "backlog": sent - done, "behind_s": max((pr.get("behind_s", 0) for pr in progress),
-                                                                   default=0), "rss": self.rss()})
+                                                                   default=0), "rss": self.rss(),
+                           "gallery": scrape(self.port, "reidfleet_server_gallery_identities")})
         for t in threads:
             t.join(5)
         crops1 = scrape(self.port, "reidfleet_server_crops_total") or 0.0
@@ -329,7 +330,7 @@ def step(rig: Rig, n: int, idx: int, args: argparse.Namespace) -> dict[str, Any]
     res = judge(run, n, args.fps, (t_start + (t_end - t_start) / 2, t_end))
     res["drained_after"] = drained
     res["sustained"] = res["sustained"] and drained
-    res["series"] = [{k: v for k, v in s.items() if k != "rss"} for s in run["series"]]
+    res["series"] = [{k: v for k, v in s.items() if k not in ("rss", "gallery")} for s in run["series"]]
     res["rss_end"] = run["series"][-1]["rss"] if run["series"] else {}
     res["server"] = server_breakdown(metrics0, metrics1)
     print(f"step {idx}: {n} cameras -> {'OK' if res['sustained'] else 'NOT sustained'} "

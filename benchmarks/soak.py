@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=15.0)
     p.add_argument("--players", type=int, default=1)
     p.add_argument("--linger-ms", type=float, default=LINGER_MS, help="players' producer linger.ms (as appliances)")
+    p.add_argument("--retention-s", type=float, default=300.0,
+                   help="server identity.retention_s for the run (default 300): short enough that identities expire "
+                   "during the soak, so the gallery reaches its steady state (a site's 24 h retention does the "
+                   "same over days); 0 keeps the server's setting")
     p.add_argument("--server-config", default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--out", type=Path, default=RESULTS / "soak.json")
@@ -46,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
         load = json.loads((RESULTS / "bench-load.json").read_text())
         cameras = max(1, int(load["cameras"] * a.fraction))
     ensure_recordings(a.assets, a.recordings)
+    if a.retention_s:
+        a.set = [f"identity.retention_s={a.retention_s:g}", *a.set]
     with tempfile.TemporaryDirectory(prefix="reidfleet-soak-") as tmp:
         rig = Rig(a, Path(tmp))
         try:
@@ -68,8 +74,14 @@ def main(argv: list[str] | None = None) -> int:
         memory[name] = {"start_mb": round(vals[0] / 2**20, 1), "end_mb": round(vals[-1] / 2**20, 1),
                         "peak_mb": round(max(vals) / 2**20, 1),
                         "growth_after_warmup_mb": round((vals[-1] - warm) / 2**20, 1)}
+    gallery = [s["gallery"] for s in series if s.get("gallery") is not None]
+    if gallery and "server" in memory:
+        warm_i = int(len(gallery) * 0.2)
+        memory["server"]["gallery_identities"] = {"start": int(gallery[0]), "at_warmup": int(gallery[warm_i]),
+                                                  "end": int(gallery[-1]), "peak": int(max(gallery))}
     lat = [s[1] for s in samples]
     result = {"bench": "soak", "minutes": a.minutes, "cameras": cameras, "fps": a.fps, "sent": run["sent"],
+              "retention_s": a.retention_s or None, "server_overrides": a.set,
               "drained": drained, "max_backlog_frames": max((s["backlog"] for s in series), default=0),
               "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1) if lat else None,
               "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 1) if lat else None,
@@ -89,10 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     ax1.set_ylabel("RSS (MiB)")
     ax1.legend(fontsize=8)
     ax1.set_title(f"memory, {cameras} cameras at {a.fps:g} FPS")
-    ax2.plot(ts, [s["backlog"] for s in series], color="tab:orange")
+    ax2.plot(ts, [s["backlog"] for s in series], color="tab:orange", label="backlog (frames sent - results)")
     ax2.set_xlabel("minutes")
-    ax2.set_ylabel("backlog (frames sent - results)")
-    ax2.set_title("backlog")
+    ax2.set_ylabel("frames")
+    if gallery:
+        ax3 = ax2.twinx()
+        ax3.plot([s["t"] / 60 for s in series if s.get("gallery") is not None], gallery, color="tab:green",
+                 label="gallery identities")
+        ax3.set_ylabel("gallery identities")
+        ax3.legend(fontsize=8, loc="upper right")
+    ax2.legend(fontsize=8, loc="upper left")
+    ax2.set_title("backlog and gallery size")
     fig.tight_layout()
     fig.savefig(a.out.with_suffix(".png"), dpi=110)
     plt.close(fig)
@@ -100,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"RESULT soak minutes={a.minutes:g} cameras={cameras} drained={drained} "
           f"server_rss_start_mb={srv.get('start_mb')} server_rss_end_mb={srv.get('end_mb')} "
           f"server_rss_peak_mb={srv.get('peak_mb')} server_rss_growth_mb={srv.get('growth_after_warmup_mb')} "
-          f"p95_ms={result['p95_ms']}")
+          f"p95_ms={result['p95_ms']} gallery_end={srv.get('gallery_identities', {}).get('end')}")
     return 0
 
 

@@ -39,9 +39,11 @@ class EmbeddedKafka:
     """A tansu broker process on a loopback port; a context manager that always stops it."""
 
     def __init__(self, port: int = 0, host: str = "127.0.0.1", storage: str = "memory://tansu/",
-                 log_file: Path | None = None) -> None:
+                 log_file: Path | None = None, advertised_port: int | None = None) -> None:
         self.host = host
         self.port = port or free_port(host)
+        # Clients are told to reconnect here (a TCP proxy in front of the broker, for network-cut tests).
+        self.advertised_port = advertised_port or self.port
         self.storage = storage
         self.log_file = log_file
         self._proc: subprocess.Popen[bytes] | None = None
@@ -53,7 +55,8 @@ class EmbeddedKafka:
 
     def start(self, timeout_s: float = 20.0) -> EmbeddedKafka:
         url = f"tcp://{self.host}:{self.port}"
-        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url", url,
+        cmd = [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
+               f"tcp://{self.host}:{self.advertised_port}",
                "--storage-engine", self.storage]
         if self.log_file:
             self.log_file.parent.mkdir(parents=True, exist_ok=True)

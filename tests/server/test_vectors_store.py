@@ -51,6 +51,30 @@ def test_cache_over_qdrant_local_flushes_and_reloads(tmp_path: Path) -> None:
     again.close()
 
 
+def test_qdrant_local_compacts_deleted_points_and_keeps_the_live_ones(tmp_path: Path) -> None:
+    """qdrant-client's local mode only masks deleted points; ours reopens it once most slots are dead."""
+    from server.vectors.qdrant import QdrantVectorStore
+
+    rng = np.random.default_rng(3)
+    v = unit(rng, 300, 16)
+    store = QdrantVectorStore(QdrantLocalSettings(path=str(tmp_path / "q")), dim=16, model_id="m1")
+    store.compact_min_deleted = 100
+    ids = [f"00000000-0000-0000-0000-{i:012d}" for i in range(300)]
+    store.upsert([Prototype(ids[i], f"g{i}", v[i], {"rev": 1}) for i in range(300)])
+    store.delete_points(ids[:140])  # under half of the slots: masked only
+    assert store.local_slots() == (300, 140) and store.compactions == 0
+    store.delete_identities([f"g{i}" for i in range(140, 200)])  # 200 of 300 dead: reopened
+    assert store.compactions == 1
+    assert store.local_slots() == (100, 0)
+    assert store.count() == 100
+    hit = store.search(v[250], 1, 1)[0]
+    assert hit.global_id == "g250" and hit.point_id == ids[250] and hit.score > 0.999
+    assert store.retrieve([ids[10], ids[299]]).keys() == {ids[299]}
+    store.upsert([Prototype(ids[0], "g0", v[0], {"rev": 2})])  # still writable after the reopen
+    assert store.count() == 101
+    store.close()
+
+
 def test_store_upserts_are_idempotent_and_merge_min_max(tmp_path: Path) -> None:
     store = AnalyticsStore(f"sqlite:///{tmp_path / 'a.db'}")
 

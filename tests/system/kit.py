@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -206,62 +208,95 @@ def first_occurrence(seq: list[int]) -> list[int]:
     return [x for x in seq if not (x in seen or seen.add(x))]  # type: ignore[func-returns-value]
 
 
-class DurableKafka:
-    """tansu on ``s3://`` storage against a local ``moto_server``: topics, data and group offsets survive a
-    broker kill, so an outage test can check end to end that nothing is lost (memory storage forgets all)."""
+class CutProxy:
+    """A TCP relay on a loopback port whose :meth:`cut` drops every connection (RST) and stops listening,
+    and :meth:`restore` listens again on the same port: to clients, exactly a broker that died and came
+    back (connection reset, then refused), while the broker behind it keeps its log, its producer state and
+    the group's offsets, as a real Kafka cluster does across a network partition or a restart."""
+
+    def __init__(self, target_port: int, port: int = 0) -> None:
+        self.target = ("127.0.0.1", target_port)
+        self.port = port or free_port()
+        self._lock = threading.Lock()
+        self._conns: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        ls = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self._listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True, name="cut-proxy").start()
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return  # cut
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            upstream.settimeout(None)
+            with self._lock:
+                self._conns.update((client, upstream))
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                self._close(s)
+
+    def _close(self, s: socket.socket) -> None:
+        with self._lock:
+            self._conns.discard(s)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST, not FIN
+            s.close()
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        with self._lock:
+            conns = list(self._conns)
+        for s in conns:
+            self._close(s)
+
+
+class CutKafka:
+    """An embedded tansu behind a :class:`CutProxy`: ``kill()`` cuts every client off, ``start()`` lets them
+    back. Used for the broker-outage tests (same interface as :class:`DurableKafka`)."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.s3_port, self.port = free_port(), free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
-        moto = Path(sys.executable).with_name("moto_server")
-        self.moto = Proc("moto", [str(moto), "-H", "127.0.0.1", "-p", str(self.s3_port)], tmp, tmp / "moto.log")
-        self.env = {**ENV, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-                    "AWS_DEFAULT_REGION": "eu-west-1", "AWS_ENDPOINT": f"http://127.0.0.1:{self.s3_port}",
-                    "AWS_ALLOW_HTTP": "true"}
-        wait_for(self._make_bucket, 30, "moto_server")
-        self.broker: Proc | None = None
-        self.start()
+        from common.tansu import EmbeddedKafka
 
-    def _make_bucket(self) -> bool:
-        import boto3
-        import botocore.exceptions
-
-        s3 = boto3.client("s3", endpoint_url=self.env["AWS_ENDPOINT"], aws_access_key_id="test",
-                          aws_secret_access_key="test", region_name="eu-west-1")
-        try:
-            s3.create_bucket(Bucket="tansu", CreateBucketConfiguration={"LocationConstraint": "eu-west-1"})
-            return True
-        except (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError):
-            return False
-
-    def start(self) -> None:
-        import socket
-
-        from common.tansu import tansu_binary
-
-        url = f"tcp://{self.bootstrap}"
-        self.broker = Proc("tansu", [tansu_binary(), "broker", "--listener-url", url, "--advertised-listener-url",
-                                     url, "--storage-engine", "s3://tansu/"], self.tmp, self.tmp / "tansu.log",
-                           env=self.env)
-
-        def listening() -> bool:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return True
-            except OSError:
-                return False
-
-        wait_for(listening, 20, "tansu to listen", poll_s=0.05)
+        proxy_port = free_port()
+        self.broker = EmbeddedKafka(log_file=tmp / "tansu.log", advertised_port=proxy_port).start()
+        self.proxy = CutProxy(self.broker.port, proxy_port)
+        self.bootstrap = f"127.0.0.1:{proxy_port}"
 
     def kill(self) -> None:
-        if self.broker is not None:
-            self.broker.kill()
+        self.proxy.cut()
+
+    def start(self) -> None:
+        self.proxy.restore()
 
     def close(self) -> None:
-        if self.broker is not None:
-            self.broker.stop(10)
-        self.moto.stop(10)
+        self.proxy.cut()
+        self.broker.stop()
 
 
 def frames_processed(proc: Proc) -> int | None:
