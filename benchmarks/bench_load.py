@@ -114,6 +114,16 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds the process has used (from /proc; None once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _metric_lines(port: int) -> list[str]:
     """The server's Prometheus exposition, line by line ([] while it does not answer)."""
     try:
@@ -206,6 +216,9 @@ class Rig:
     def rss(self) -> dict[str, int | None]:
         return {k: rss_bytes(p) for k, p in self.pids.items()}
 
+    def cpu(self) -> dict[str, float | None]:
+        return {k: cpu_seconds(p) for k, p in self.pids.items()}
+
     def play(self, prefix: str, cameras: int, duration_s: float) -> dict[str, Any]:
         """Play ``cameras`` for ``duration_s`` over ``--players`` processes; sample backlog every second."""
         a = self.args
@@ -244,6 +257,7 @@ class Rig:
             series.append({"t": round(time.monotonic() - t0, 2), "sent": sent, "done": done,
                            "backlog": sent - done, "behind_s": max((pr.get("behind_s", 0) for pr in progress),
                                                                    default=0), "rss": self.rss(),
+                           "cpu_s": self.cpu(),
                            "gallery": scrape(self.port, "reidfleet_server_gallery_identities")})
         for t in threads:
             t.join(5)
@@ -330,7 +344,7 @@ def step(rig: Rig, n: int, idx: int, args: argparse.Namespace) -> dict[str, Any]
     res = judge(run, n, args.fps, (t_start + (t_end - t_start) / 2, t_end))
     res["drained_after"] = drained
     res["sustained"] = res["sustained"] and drained
-    res["series"] = [{k: v for k, v in s.items() if k not in ("rss", "gallery")} for s in run["series"]]
+    res["series"] = [{k: v for k, v in s.items() if k not in ("rss", "gallery", "cpu_s")} for s in run["series"]]
     res["rss_end"] = run["series"][-1]["rss"] if run["series"] else {}
     res["server"] = server_breakdown(metrics0, metrics1)
     print(f"step {idx}: {n} cameras -> {'OK' if res['sustained'] else 'NOT sustained'} "

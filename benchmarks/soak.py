@@ -11,6 +11,7 @@ Writes results/soak.json and .png; last line ``RESULT soak minutes=.. cameras=..
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import tempfile
@@ -74,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
         memory[name] = {"start_mb": round(vals[0] / 2**20, 1), "end_mb": round(vals[-1] / 2**20, 1),
                         "peak_mb": round(max(vals) / 2**20, 1),
                         "growth_after_warmup_mb": round((vals[-1] - warm) / 2**20, 1)}
+    # CPU share of each process per fifth of the run (cores busy): a process whose work per frame grows with
+    # the run's history (a broker scanning its whole log, a gallery never compacted) shows it here.
+    for name in memory:
+        pts = [(s["t"], s["cpu_s"][name]) for s in series if s.get("cpu_s", {}).get(name) is not None]
+        if len(pts) >= 10:
+            edges = [pts[int(i * (len(pts) - 1) / 5)] for i in range(6)]
+            memory[name]["cpu_cores_by_fifth"] = [round((c1 - c0) / max(t1 - t0, 1e-9), 2)
+                                                  for (t0, c0), (t1, c1) in itertools.pairwise(edges)]
     gallery = [s["gallery"] for s in series if s.get("gallery") is not None]
     if gallery and "server" in memory:
         warm_i = int(len(gallery) * 0.2)
