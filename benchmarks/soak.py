@@ -15,12 +15,14 @@ import itertools
 import json
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.bench_load import RESULTS, Rig
+from benchmarks.bench_load import RESULTS, Rig, scrape_server, server_breakdown
 from benchmarks.replay import DEFAULT_DIR, ensure_recordings
 from common.kafka import LINGER_MS
 
@@ -58,7 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with rig.reader.lock:
                 start = len(rig.reader.samples)
+            stages: list[dict[str, Any]] = []
+            stop = threading.Event()
+
+            def sample_stages() -> None:  # the server's own stage times per minute: where a slowdown comes from
+                t0, prev = time.monotonic(), scrape_server(rig.port)
+                while not stop.wait(60.0):
+                    cur = scrape_server(rig.port)
+                    stages.append({"minute": round((time.monotonic() - t0) / 60, 1), **server_breakdown(prev, cur)})
+                    prev = cur
+
+            sampler = threading.Thread(target=sample_stages, daemon=True)
+            sampler.start()
             run = rig.play("soak", cameras, a.minutes * 60)
+            stop.set()
             drained = rig.drain("soak", run["sent"], 120)
             with rig.reader.lock:
                 samples = rig.reader.samples[start:]
@@ -90,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
                                                   "end": int(gallery[-1]), "peak": int(max(gallery))}
     lat = [s[1] for s in samples]
     result = {"bench": "soak", "minutes": a.minutes, "cameras": cameras, "fps": a.fps, "sent": run["sent"],
-              "retention_s": a.retention_s or None, "server_overrides": a.set,
+              "retention_s": a.retention_s or None, "server_overrides": a.set, "server_by_minute": stages,
               "drained": drained, "max_backlog_frames": max((s["backlog"] for s in series), default=0),
               "p50_ms": round(float(np.percentile(lat, 50)) * 1000, 1) if lat else None,
               "p95_ms": round(float(np.percentile(lat, 95)) * 1000, 1) if lat else None,

@@ -158,11 +158,9 @@ class ReidConsumer:
                 **k.extra}))
         self.producer = Producer(producer_config(k.bootstrap, k.client_id + "-out", **{
             # Results wait for the broker as long as it is away (the input cannot be fetched meanwhile either):
-            # no timeout turns a long outage into a failed batch. One request in flight per connection keeps
-            # reid_output in frame order even on a broker that loses an acknowledged-looking request in a crash
-            # (idempotence alone relies on the broker's producer-state bookkeeping, which tansu lost once).
+            # no timeout turns a long outage into a failed batch. Order across retries comes from idempotence
+            # (up to 5 requests in flight); a batch that still fails is purged and replayed (DeliveryFailed).
             "message.timeout.ms": 0,
-            "max.in.flight.requests.per.connection": 1,
             **k.extra}))
         self.codec = AvroCodec("edge_frame")
         self.dlq_codec = AvroCodec("dead_letter")
