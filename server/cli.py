@@ -53,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         except (FileNotFoundError, ValueError) as exc:
             log.error("cannot start: %s", exc)
             return 1
-        current = [consumer]  # health follows the consumer that run_forever restarts after a failed delivery
-        health = HealthServer(consumer.registry, lambda: current[0].health(), cfg.health.host, cfg.health.port)
+        current = consumer  # health follows the consumer that run_forever restarts after a failed delivery
+
+        def follow(c: ReidConsumer) -> None:
+            nonlocal current
+            current = c
+
+        health = HealthServer(consumer.registry, lambda: current.health(), cfg.health.host, cfg.health.port)
         stack.enter_context(health)
         log.info("server running", extra={"embedder": consumer.embedder.model_id, "health_port": health.port,
                                           "bootstrap": cfg.kafka.bootstrap})
-        run_forever(cfg, stop, on_ready=lambda c: current.__setitem__(0, c), consumer=consumer)
+        run_forever(cfg, stop, on_ready=follow, consumer=consumer)
     log.info("server stopped", extra={"reason": stop.reason})
     return 0

@@ -302,7 +302,8 @@ class ReidConsumer:
                         msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
                 else:
                     msgs = self.consumer.consume(num_messages=want, timeout=max(0.0, deadline - time.monotonic()))
-                parsed = [self._parse(m) for m in msgs if self._usable(m)]
+                now_s = time.time()  # one clock read per fetch, not per message
+                parsed = [self._parse(m, now_s) for m in msgs if self._usable(m)]
             for i, item in enumerate(parsed):
                 if items and (n_crops >= b.max_crops or len(items) >= b.max_messages):
                     # Batch full: keep the rest, in order, for the next batch (its offsets are not stored yet).
@@ -332,11 +333,11 @@ class ReidConsumer:
             log.warning("consumer error: %s", err)
         return False
 
-    def _parse(self, m: Message) -> Item:
+    def _parse(self, m: Message, now_s: float) -> Item:
         item = Item(m)
         ts_type, ts_ms = m.timestamp()
         if ts_type != TIMESTAMP_NOT_AVAILABLE and ts_ms > 0:
-            self.metrics.input_delay.observe(max(0.0, time.time() - ts_ms / 1000))
+            self.metrics.input_delay.observe(max(0.0, now_s - ts_ms / 1000))
         try:
             rec = self.codec.decode(m.value() or b"")
             check_frame(rec, self.cfg.validation)
@@ -572,12 +573,9 @@ class ReidConsumer:
                 "key": msg.key(), "value": msg.value(), "reason": it.error[1], "error_type": it.error[0],
                 "consumer": self.instance, "failed_at_us": time.time_ns() // 1000}))
         remaining = self.producer.flush(1.0)
-        started = time.monotonic()
-        warned = started
-        while remaining and not self._delivery_errors:
+        started = warned = time.monotonic()
+        while remaining and not self._delivery_errors and not self.stop.is_set():
             # Broker away: wait for it (messages never time out), saying so in health and the log.
-            if self.stop.is_set():
-                break
             self.output_waiting_since = started
             if time.monotonic() - warned >= 10:
                 warned = time.monotonic()
