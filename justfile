@@ -39,7 +39,7 @@ appliance *ARGS:
 bench-env:
     #!/usr/bin/env bash
     set -euo pipefail
-    if [ ! -x .venv-bench/bin/python ] || ! .venv-bench/bin/python -c "import ultralytics, pycocotools" 2>/dev/null; then
+    if [ ! -x .venv-bench/bin/python ] || ! .venv-bench/bin/python -c "import ultralytics, pycocotools, supervision; supervision.ByteTrack" 2>/dev/null; then
       python3 -m venv .venv-bench
       .venv-bench/bin/pip install -q --upgrade "pip>=24"
       .venv-bench/bin/pip install -q torch==2.14.1 torchvision==0.29.1

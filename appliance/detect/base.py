@@ -39,6 +39,11 @@ class DetectorConfig(StrictModel):
         0.6, gt=0.0, le=1.0, description="NMS IoU above which the weaker box is dropped (measured: eval-detect)."
     )
     classes: tuple[int, ...] = Field((PERSON_CLASS_ID,), min_length=1, description="COCO class ids to keep.")
+    rect_input: bool = Field(
+        True,
+        description="Shape the network input to the frame (640x384 for 16:9, 640x480 for 4:3) instead of the "
+        "IR's 640x640 square: same scale and boxes, 25-40 % less compute (appliance/detect/rect.py).",
+    )
     max_detections: int = Field(300, ge=1, le=10000, description="Boxes kept per frame after NMS.")
     inflight_requests: int | None = Field(
         None, ge=1, le=16, description="Requests in flight in stream(); None = chosen from the CPU count."

@@ -27,11 +27,14 @@ import yaml
 from openvino.preprocess import ColorFormat, PrePostProcessor
 
 from appliance.detect.base import DetectorConfig, ModelLoadError
-from appliance.detect.yolo import Letterbox, decode, letterbox_into
+from appliance.detect.rect import RectUnsupported, rect_input_hw, reshape_yolo_ir
+from appliance.detect.yolo import Letterbox, check_image, decode, letterbox_into
 from appliance.types import Detections, Frame
 from common.service import allowed_cpus
 
 log = logging.getLogger(__name__)
+
+MAX_SHAPES = 8  # compiled input geometries kept per detector (a camera needs one)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,23 +150,13 @@ class OpenVinoDetector:
         self.input_hw = (in_shape[2].get_length(), in_shape[3].get_length())
         self.model_id, self.model_version = describe_model(Path(cfg.model_dir), xml, weights, self.input_hw)
 
-        ppp = PrePostProcessor(model)
-        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(
-            ColorFormat.BGR
-        )
-        ppp.input().model().set_layout(ov.Layout("NCHW"))
-        ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
-        model = ppp.build()
-
+        self._core, self._raw = core, model.clone()  # PrePostProcessor edits the model it is given
         self.plan = plan_runtime(cfg)
-        props = self.plan.properties() if cfg.device.upper().startswith("CPU") else {"PERFORMANCE_HINT": self.plan.hint}
-        try:
-            self._compiled = core.compile_model(model, cfg.device, props)
-        except RuntimeError as exc:
-            raise ModelLoadError(f"cannot compile {xml.name} for {cfg.device}: {_first_line(exc)}") from exc
-        self._request = self._compiled.create_infer_request()
-        self._request_box: Letterbox | None = None
-        self._queue: ov.AsyncInferQueue | None = None
+        # Square (the IR as exported) first: every load error surfaces here, not at the first frame.
+        self._compiled: dict[tuple[int, int], ov.CompiledModel] = {self.input_hw: self._compile(model)}
+        self._rect_ok = cfg.rect_input
+        self._requests: dict[tuple[int, int], tuple[ov.InferRequest, list[Letterbox | None]]] = {}
+        self._queues: dict[tuple[int, int], tuple[ov.AsyncInferQueue, list[Letterbox | None]]] = {}
         log.info(
             "detector loaded",
             extra={
@@ -174,8 +167,49 @@ class OpenVinoDetector:
                 "threads": self.plan.threads,
                 "streams": self.plan.streams,
                 "inflight": self.plan.inflight,
+                "rect_input": cfg.rect_input,
             },
         )
+
+    def _compile(self, model: ov.Model) -> ov.CompiledModel:
+        """Colour conversion, layout and /255 folded into the graph, then compiled with the planned threads."""
+        ppp = PrePostProcessor(model)
+        ppp.input().tensor().set_element_type(ov.Type.u8).set_layout(ov.Layout("NHWC")).set_color_format(
+            ColorFormat.BGR
+        )
+        ppp.input().model().set_layout(ov.Layout("NCHW"))
+        ppp.input().preprocess().convert_element_type(ov.Type.f32).convert_color(ColorFormat.RGB).scale(255.0)
+        props = self.plan.properties() if self.cfg.device.upper().startswith("CPU") else {
+            "PERFORMANCE_HINT": self.plan.hint}
+        try:
+            return self._core.compile_model(ppp.build(), self.cfg.device, props)
+        except RuntimeError as exc:
+            raise ModelLoadError(f"cannot compile the detector for {self.cfg.device}: {_first_line(exc)}") from exc
+
+    @property
+    def compiled_input_hw(self) -> list[tuple[int, int]]:
+        """Network input geometries compiled so far (the IR's square first)."""
+        return list(self._compiled)
+
+    def _net_hw(self, image_bgr: np.ndarray) -> tuple[int, int]:
+        """Network input size for a frame: rectangular (compiled once per frame geometry, at most
+        ``MAX_SHAPES``), or the IR's square when rect input is off, unsupported by this IR or exhausted."""
+        check_image(image_bgr)
+        if not self._rect_ok:
+            return self.input_hw
+        hw = rect_input_hw((image_bgr.shape[1], image_bgr.shape[0]), self.input_hw)
+        if hw in self._compiled:
+            return hw
+        if len(self._compiled) >= MAX_SHAPES:
+            return self.input_hw  # many geometries (an image folder): no more compiles, nothing evicted
+        try:
+            self._compiled[hw] = self._compile(reshape_yolo_ir(self._raw, hw))
+        except RectUnsupported as exc:
+            log.warning("rectangular input not possible with this IR (%s), using its square input", exc)
+            self._rect_ok = False
+            return self.input_hw
+        log.info("detector compiled for the frame geometry", extra={"input_hw": list(hw)})
+        return hw
 
     def _decode(self, output: np.ndarray, box: Letterbox) -> Detections:
         return decode(
@@ -189,23 +223,23 @@ class OpenVinoDetector:
 
     def detect(self, image_bgr: np.ndarray) -> Detections:
         """One frame, synchronously (uses its own request, so it never disturbs ``stream``)."""
-        canvas = self._request.get_input_tensor().data[0]
-        box = letterbox_into(image_bgr, canvas, self._request_box)
-        self._request_box = box
-        self._request.infer()
-        return self._decode(self._request.get_output_tensor(0).data, box)
+        hw = self._net_hw(image_bgr)
+        if hw not in self._requests:
+            self._requests[hw] = (self._compiled[hw].create_infer_request(), [None])
+        request, last = self._requests[hw]
+        box = letterbox_into(image_bgr, request.get_input_tensor().data[0], last[0])
+        last[0] = box
+        request.infer()
+        return self._decode(request.get_output_tensor(0).data, box)
 
     def stream(self, frames: Iterable[Frame]) -> Iterator[tuple[Frame, Detections]]:
         """Detect on every frame with up to ``plan.inflight`` requests in flight; yields in input order.
 
         A frame that cannot be processed (wrong shape or dtype) raises, after the requests in
-        flight have finished, so no result of an earlier frame is lost silently.
+        flight have finished, so no result of an earlier frame is lost silently. A frame of another
+        geometry (a camera reconfigured) first lets the frames in flight finish, then switches to the
+        model compiled for it.
         """
-        n = self.plan.inflight
-        if self._queue is None:
-            self._queue = ov.AsyncInferQueue(self._compiled, n)
-        queue = self._queue
-        boxes: list[Letterbox | None] = [None] * n  # geometry last written into each request's canvas
         done: dict[int, tuple[Frame, Detections] | BaseException] = {}
         cond = threading.Condition()
 
@@ -222,43 +256,56 @@ class OpenVinoDetector:
                 done[seq] = result
                 cond.notify_all()
 
-        queue.set_callback(on_done)
         submitted = 0
         next_out = 0
+        active: tuple[int, int] | None = None
+        queue: ov.AsyncInferQueue | None = None
+        boxes: list[Letterbox | None] = []  # geometry last written into each request's canvas
+
+        def ready(block: bool) -> Iterator[tuple[Frame, Detections]]:
+            nonlocal next_out
+            while next_out < submitted:
+                with cond:
+                    if block:
+                        while next_out not in done:
+                            cond.wait()
+                    item = done.pop(next_out, None)
+                if item is None:
+                    return
+                next_out += 1
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
         try:
             for frame in frames:
+                hw = self._net_hw(frame.image)
+                if hw != active:
+                    yield from ready(block=True)  # the other geometry's frames first, in order
+                    if hw not in self._queues:
+                        self._queues[hw] = (ov.AsyncInferQueue(self._compiled[hw], self.plan.inflight),
+                                            [None] * self.plan.inflight)
+                    queue, boxes = self._queues[hw]
+                    queue.set_callback(on_done)
+                    active = hw
+                assert queue is not None
                 rid = queue.get_idle_request_id()  # blocks while all requests are busy
                 canvas = queue[rid].get_input_tensor().data[0]
                 boxes[rid] = letterbox_into(frame.image, canvas, boxes[rid])
                 queue.start_async(None, (submitted, frame, boxes[rid]))
                 submitted += 1
-                while True:
-                    with cond:
-                        item = done.pop(next_out, None)
-                    if item is None:
-                        break
-                    next_out += 1
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-            while next_out < submitted:
-                with cond:
-                    while next_out not in done:
-                        cond.wait()
-                    item = done.pop(next_out)
-                next_out += 1
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                yield from ready(block=False)
+            yield from ready(block=True)
         finally:
-            queue.wait_all()
+            if queue is not None:
+                queue.wait_all()
 
     def close(self) -> None:
-        if self._queue is not None:
-            self._queue.wait_all()
-        self._queue = None
-        self._request = None  # type: ignore[assignment]
-        self._compiled = None  # type: ignore[assignment]
+        for queue, _ in self._queues.values():
+            queue.wait_all()
+        self._queues.clear()
+        self._requests.clear()
+        self._compiled.clear()
 
 
 def _first_line(exc: BaseException) -> str:

@@ -159,3 +159,56 @@ def test_runtime_plan_follows_cpu_count() -> None:
     assert (latency.streams, latency.inflight) == (1, 2)
     pinned = plan_runtime(DetectorConfig(threads=3, streams=2, inflight_requests=4, performance_hint="THROUGHPUT"), 8)
     assert (pinned.hint, pinned.threads, pinned.streams, pinned.inflight) == ("THROUGHPUT", 3, 2, 4)
+
+
+def _pets_1080p(assets: Path, index: int) -> np.ndarray:
+    """A PETS frame as the bench-edge clip shows it: 1440x1080 padded to a 16:9 1920x1080 frame."""
+    img = cv2.imread(str(sorted((assets / "data" / "mot15" / "train" / "PETS09-S2L1" / "img1").glob("*.jpg"))[index]))
+    return cv2.copyMakeBorder(cv2.resize(img, (1440, 1080)), 0, 0, 240, 240, cv2.BORDER_CONSTANT)
+
+
+def test_rect_input_finds_the_same_people_as_the_square_ir(assets: Path) -> None:
+    """Rectangular input runs a 16:9 frame at 640x384 and a 4:3 one at 640x480: the same scale as the
+    IR's 640x640 letterbox, so the same people at the same places (only the padding differs)."""
+    detector = OpenVinoDetector(DetectorConfig(model_dir=assets / "models" / DEFAULT_MODEL_DIR))
+    square = OpenVinoDetector(DetectorConfig(model_dir=assets / "models" / DEFAULT_MODEL_DIR, rect_input=False))
+    images = [_pets_1080p(assets, i) for i in (0, 40, 80)] + [cv2.imread(str(p)) for p, _ in _coco_people(assets)[:6]]
+    matched = total = 0
+    for img in images:
+        a, b = detector.detect(img), square.detect(img)
+        total += max(len(a), len(b))
+        if len(a) and len(b):
+            matched += int((_iou(b.xyxy, a.xyxy).max(axis=1) >= 0.9).sum())
+    assert total >= 20 and matched / total >= 0.9, f"{matched}/{total} boxes agree at IoU 0.9"
+    assert detector.compiled_input_hw[:2] == [(640, 640), (384, 640)] and square.compiled_input_hw == [(640, 640)]
+
+
+def test_many_geometries_stop_compiling_and_use_the_square(detector: OpenVinoDetector, assets: Path) -> None:
+    from appliance.detect.openvino import MAX_SHAPES
+
+    for h in range(96, 640, 32):  # more geometries than MAX_SHAPES
+        assert len(detector.detect(np.full((h, 640, 3), 127, np.uint8))) == 0
+    assert len(detector.compiled_input_hw) == MAX_SHAPES
+
+
+def test_rect_stream_switches_geometry_in_order(detector: OpenVinoDetector, assets: Path) -> None:
+    wide, coco = _pets_1080p(assets, 10), cv2.imread(str(_coco_people(assets)[0][0]))
+    images = [wide, wide, coco, wide, coco, coco]
+    out = list(detector.stream(Frame("cam", i, i, img) for i, img in enumerate(images)))
+    assert [f.frame_index for f, _ in out] == list(range(len(images)))
+    for (_f, d), img in zip(out, images, strict=True):
+        np.testing.assert_allclose(d.xyxy, detector.detect(img).xyxy, atol=1e-3)
+
+
+def test_rect_refuses_a_graph_that_is_not_a_yolo_head() -> None:
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    from appliance.detect.rect import RectUnsupported, reshape_yolo_ir
+
+    x = ops.parameter([1, 3, 640, 640], np.float32)
+    model = ov.Model([ops.relu(x)], [x])
+    with pytest.raises(RectUnsupported, match="anchor-point"):
+        reshape_yolo_ir(model, (384, 640))
+    with pytest.raises(RectUnsupported, match="multiple of 32"):
+        reshape_yolo_ir(model, (380, 640))

@@ -106,3 +106,19 @@ def test_decode_clips_to_image_and_handles_empty() -> None:
         decode(_head([], {}), box, conf_threshold=0.25, iou_threshold=0.45, classes=(80,))
     with pytest.raises(ValueError, match="YOLO head"):
         decode(np.zeros((84, 8400), np.float32), box, conf_threshold=0.25, iou_threshold=0.45)
+
+
+def test_rect_input_is_the_square_scale_padded_to_the_stride() -> None:
+    from appliance.detect.rect import anchor_points, rect_input_hw
+
+    assert rect_input_hw((1920, 1080), (640, 640)) == (384, 640)  # 16:9: 640x360 -> 384
+    assert rect_input_hw((768, 576), (640, 640)) == (480, 640)  # 4:3
+    assert rect_input_hw((1080, 1920), (640, 640)) == (640, 384)  # portrait
+    assert rect_input_hw((640, 640), (640, 640)) == (640, 640)
+    assert rect_input_hw((3000, 100), (640, 640)) == (32, 640)
+    with pytest.raises(ValueError):
+        rect_input_hw((0, 10), (640, 640))
+    pts, strides = anchor_points((384, 640))
+    assert pts.shape == (1, 2, 48 * 80 + 24 * 40 + 12 * 20) and strides.shape == (1, 1, pts.shape[2])
+    assert pts[0, :, 0].tolist() == [0.5, 0.5] and pts[0, :, 80].tolist() == [0.5, 1.5]  # row-major, x first
+    assert strides[0, 0, 0] == 8 and strides[0, 0, -1] == 32
