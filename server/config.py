@@ -57,6 +57,8 @@ class BatchSettings(StrictModel):
                            "a batch with a crop nvJPEG rejects is redone on the CPU path.")
     overlap: bool = Field(False, description="Decode and embed the next batch in a worker thread while this one is "
                           "matched and stored (offsets are still stored strictly in batch order).")
+    embed_process: bool = Field(False, description="Run the embedder in a child process (server/embed/remote.py): on "
+                                "a GPU box its host work then no longer shares the matcher's GIL. Use with overlap.")
 
 
 class ValidationSettings(StrictModel):

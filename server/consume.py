@@ -135,6 +135,10 @@ class ReidConsumer:
         else:
             self.registry = registry or CollectorRegistry()
             self.metrics = Metrics(self.registry)
+        if embedder is None and cfg.batch.embed_process:
+            from server.embed.remote import RemoteEmbedder
+
+            embedder = RemoteEmbedder(cfg.embedder, assets=cfg.assets)
         self.embedder = embedder or build_embedder(cfg.embedder, assets=cfg.assets)
         self.gender = gender if gender is not None or cfg.gender.mode == "off" else \
             build_gender(cfg.gender.model, assets=cfg.assets)

@@ -96,6 +96,25 @@ class IdentityState:
     # ended in the current batch (a batch decides identities after it has seen its tracks end, so those
     # stay until the batch is decided: co-visibility is a question of time overlap, not of being live now)
     active: dict[str, tuple[tuple[str, str], int, int]] = field(default_factory=dict)
+    # the same entries by camera (first_seen_us, last_seen_us): co-visibility only asks about the track's own
+    # camera, and an identity seen by many tracks at once (a busy gallery) would otherwise be scanned whole
+    by_camera: dict[tuple[str, str], dict[str, tuple[int, int]]] = field(default_factory=dict)
+
+    def set_active(self, uid: str, camera: tuple[str, str], first_us: int, last_us: int) -> None:
+        old = self.active.get(uid)
+        if old is not None and old[0] != camera:
+            self.drop_active(uid)
+        self.active[uid] = (camera, first_us, last_us)
+        self.by_camera.setdefault(camera, {})[uid] = (first_us, last_us)
+
+    def drop_active(self, uid: str) -> None:
+        old = self.active.pop(uid, None)
+        if old is not None:
+            per = self.by_camera.get(old[0])
+            if per is not None:
+                per.pop(uid, None)
+                if not per:
+                    del self.by_camera[old[0]]
 
     @property
     def male_probability(self) -> float | None:
@@ -193,7 +212,7 @@ class IdentityMatcher:
         if t.global_id is not None:
             ident = self._identity(t.global_id, at_us)
             ident.last_seen_us = max(ident.last_seen_us, at_us)
-            ident.active[t.track_uid] = (t.camera, t.first_seen_us, t.last_seen_us)
+            ident.set_active(t.track_uid, t.camera, t.first_seen_us, t.last_seen_us)
             if t.track_uid in ident.prototypes:
                 ident.prototypes[t.track_uid] = max(ident.prototypes[t.track_uid], at_us)
             self._write_identity(ident, batch)
@@ -268,11 +287,12 @@ class IdentityMatcher:
         """The ``candidates`` best identities by cosine: the gallery as it was before the batch (minus
         points the batch rewrote or deleted) plus the prototypes of the batch's earlier tracks."""
         best: dict[str, float] = {}
-        for n in gallery:
-            if n.point_id in written or n.point_id in self._gone_points or n.global_id in self._gone_identities:
+        gone_p, gone_i = self._gone_points, self._gone_identities
+        for gid, pid, score in gallery:  # (global_id, point_id, score): Neighbours or the plain tuples of a batch
+            if pid in written or pid in gone_p or gid in gone_i:
                 continue
-            if n.score > best.get(n.global_id, -2.0):
-                best[n.global_id] = n.score
+            if score > best.get(gid, -2.0):
+                best[gid] = score
         if len(inside):
             hits = np.flatnonzero(inside >= floor)
             k = self.cfg.candidates * self.cfg.prototypes_per_identity
@@ -365,9 +385,9 @@ class IdentityMatcher:
     def _co_visible(self, ident: IdentityState, t: TrackState) -> bool:
         """Is another track of this identity on the same camera during this track's lifetime?"""
         gap = self._co_gap_us
-        for uid, (cam, first_us, last_us) in ident.active.items():
-            if uid != t.track_uid and cam == t.camera and last_us >= t.first_seen_us - gap \
-                    and first_us <= t.last_seen_us + gap:
+        lo, hi = t.first_seen_us - gap, t.last_seen_us + gap
+        for uid, (first_us, last_us) in ident.by_camera.get(t.camera, {}).items():
+            if last_us >= lo and first_us <= hi and uid != t.track_uid:
                 return True
         return False
 
@@ -382,7 +402,7 @@ class IdentityMatcher:
             ident.male_sum += t.male_probability
             ident.male_n += 1
         ident.last_seen_us = max(ident.last_seen_us, t.last_seen_us)
-        ident.active[t.track_uid] = (t.camera, t.first_seen_us, t.last_seen_us)
+        ident.set_active(t.track_uid, t.camera, t.first_seen_us, t.last_seen_us)
         batch.assignments[t.track_uid] = gid
         if new:
             batch.identities[gid] = {
@@ -414,7 +434,7 @@ class IdentityMatcher:
             for pid in doomed:
                 batch.prototypes[pid] = None
         payload = {
-            "male_probability": ident.male_probability, "cameras": sorted({c[1] for c, _, _ in ident.active.values()}
+            "male_probability": ident.male_probability, "cameras": sorted({c[1] for c in ident.by_camera}
                                                                            | {t.camera_id}),
             "first_seen_us": ident.first_seen_us, "last_seen_us": t.last_seen_us,
             "sightings": ident.n_tracks, "similarity": t.similarity or 0.0, "device_id": t.device_id,
@@ -464,7 +484,7 @@ class IdentityMatcher:
         for t in self._ended:  # decided: ended tracks leave the co-visibility bookkeeping
             ident = self.identities.get(t.global_id) if t.global_id is not None else None
             if ident is not None:
-                ident.active.pop(t.track_uid, None)
+                ident.drop_active(t.track_uid)
         self._ended.clear()
 
     # --- housekeeping ----------------------------------------------------------------------
@@ -477,7 +497,7 @@ class IdentityMatcher:
         old = now_us - self._gap_us
         for ident in self.identities.values():  # forget tracks long over (live ones are seen, so recent)
             for uid in [u for u, (_c, _f, last_us) in ident.active.items() if last_us < old]:
-                del ident.active[uid]
+                ident.drop_active(uid)
         doomed = [gid for gid, ident in self.identities.items() if ident.last_seen_us < cutoff and not ident.active]
         if doomed:
             self.vectors.delete_identities(doomed)

@@ -33,6 +33,11 @@ class Neighbour(NamedTuple):
     score: float  # cosine similarity
 
 
+# What batched searches return: (global_id, point_id, score), a Neighbour or a plain tuple in that order
+# (building thousands of NamedTuples per batch costs more than the search): unpack, do not use attributes.
+Hit = tuple[str, str, float]
+
+
 def best_per_identity(hits: Iterable[Neighbour], limit: int) -> list[Neighbour]:
     """Hits sorted best first → the best hit of each of the first ``limit`` identities."""
     out: list[Neighbour] = []
@@ -62,9 +67,9 @@ class VectorStore(Protocol):
         ...
 
     def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
-                    min_score: float = -2.0) -> list[list[Neighbour]]:
+                    min_score: float = -2.0) -> list[list[Hit]]:
         """:meth:`search` for each row of ``queries`` (m, dim), in one round trip or one matrix product,
-        leaving out points that score below ``min_score``."""
+        leaving out points that score below ``min_score``; hits as :data:`Hit` tuples."""
         ...
 
     def delete_points(self, point_ids: Sequence[str]) -> None: ...

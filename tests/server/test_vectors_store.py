@@ -110,3 +110,25 @@ def test_upserts_compile_for_postgresql() -> None:
         "first_seen_us": store._least(sightings.c.first_seen_us, stmt.excluded.first_seen_us)})
     sql = str(stmt.compile(dialect=postgresql.dialect()))
     assert "ON CONFLICT (track_uid, bucket_start_us) DO UPDATE" in sql and "least(" in sql.lower()
+
+
+def test_batched_search_equals_one_query_at_a_time_through_moves_and_deletes() -> None:
+    """search_many keeps each identity's best row with numpy (identity codes per row); it must give exactly
+    what the per-query path gives, including after points move between identities and rows are deleted
+    (the delete swaps the last row into the hole)."""
+    rng = np.random.default_rng(7)
+    dim = 16
+    mem = MemoryVectorStore(dim=dim, capacity=8)
+    v = unit(rng, 600, dim)
+    mem.upsert([Prototype(f"p{i}", f"g{i % 97}", v[i]) for i in range(600)])
+    mem.upsert([Prototype(f"p{i}", f"g{i % 13}", v[i]) for i in range(0, 600, 7)])  # moved to other identities
+    mem.delete_points([f"p{i}" for i in range(0, 600, 5)])
+    mem.delete_identities(["g3", "g50"])
+    q = unit(rng, 40, dim)
+    for limit, bank, floor in ((5, 3, -2.0), (16, 8, 0.2), (200, 8, -2.0)):
+        got = mem.search_many(q, limit, bank, floor)
+        for i in range(len(q)):
+            want = [h for h in mem.search(q[i], limit, bank) if h.score >= floor]
+            assert [(g, p) for g, p, _s in got[i]] == [(h.global_id, h.point_id) for h in want]
+            np.testing.assert_allclose([s for _g, _p, s in got[i]], [h.score for h in want], atol=1e-5)
+            assert all(g not in ("g3", "g50") for g, _p, _s in got[i])

@@ -1,0 +1,47 @@
+"""The embedder in its own process: same vectors as in-process, errors by kind, a dead child replaced."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import numpy as np
+import pytest
+
+from server.embed.base import build_embedder
+from server.embed.preprocess import CropError
+from server.embed.remote import EmbedderProcessDied, RemoteEmbedder
+from tests.server.conftest import Market
+
+CFG = {"type": "osnet_openvino"}
+
+
+def test_same_vectors_as_in_process_and_errors_by_kind(market: Market) -> None:
+    import cv2
+
+    crops = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in market.crops("0001", 0)[:4]]
+    local = build_embedder(CFG)
+    remote = RemoteEmbedder(CFG)
+    try:
+        assert (remote.model_id, remote.dim) == (local.model_id, local.dim)
+        assert remote.pid is not None and remote.pid != os.getpid()
+        np.testing.assert_allclose(remote.embed(crops), local.embed(crops), atol=1e-5)
+        assert remote.embed([]).shape == (0, local.dim)
+        with pytest.raises(CropError, match="crop 1"):
+            remote.embed([crops[0], np.zeros((0, 5, 3), np.uint8)])
+        # the child survives a bad batch
+        np.testing.assert_allclose(remote.embed(crops[:1]), local.embed(crops[:1]), atol=1e-5)
+
+        os.kill(remote.pid, signal.SIGKILL)  # a crash (OOM, driver reset): this batch fails and is redelivered
+        with pytest.raises(EmbedderProcessDied):
+            for _ in range(50):  # the kill lands asynchronously
+                remote.embed(crops[:1])
+        np.testing.assert_allclose(remote.embed(crops), local.embed(crops), atol=1e-5)  # a fresh child
+    finally:
+        remote.close()
+    assert remote.pid is None
+
+
+def test_a_bad_config_fails_at_start_with_the_reason() -> None:
+    with pytest.raises(RuntimeError, match=r"FileNotFoundError: model file not found at /nonexistent/osnet\.pth"):
+        RemoteEmbedder({"type": "osnet_openvino", "weights_path": "/nonexistent/osnet.pth"})
