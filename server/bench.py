@@ -300,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-overlap", action="store_true", help="batch.overlap off (decode+embed not overlapped)")
     ap.add_argument("--embed-process", action="store_true", help="batch.embed_process: the whole consumer's embedder "
                     "runs in a child process (the stage figure stays in-process)")
+    ap.add_argument("--commit-process", action="store_true", help="batch.commit_process: SQL commit and reid_output "
+                    "in a child process")
     a = ap.parse_args(argv)
 
     import cv2
@@ -340,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"embedder": {"type": a.embedder}, "gender": {"mode": a.gender}, "assets": a.assets,
                "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50, "overlap": not a.no_overlap,
-                         "embed_process": a.embed_process}}
+                         "embed_process": a.embed_process, "commit_process": a.commit_process}}
         consumer_embedder = embedder
         if a.embed_process:
             from server.embed.remote import RemoteEmbedder

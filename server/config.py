@@ -57,6 +57,9 @@ class BatchSettings(StrictModel):
                            "a batch with a crop nvJPEG rejects is redone on the CPU path.")
     overlap: bool = Field(False, description="Decode and embed the next batch in a worker thread while this one is "
                           "matched and stored (offsets are still stored strictly in batch order).")
+    commit_process: bool = Field(False, description="Commit each batch (SQL transaction, reid_output, dead letters) "
+                                 "in a child process (server/writer.py) while the next batch is matched, instead of "
+                                 "on a writer thread that shares the matcher's GIL; same order and offset rules.")
     embed_process: bool = Field(False, description="Run the embedder in a child process (server/embed/remote.py): on "
                                 "a GPU box its host work then no longer shares the matcher's GIL. Use with overlap.")
 

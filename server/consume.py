@@ -29,18 +29,18 @@ from confluent_kafka import (
     KafkaError,
     KafkaException,
     Message,
-    Producer,
     TopicPartition,
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from common.kafka import consumer_config, producer_config
+from common.kafka import consumer_config
 from common.service import StopSignal, allowed_cpus
 from schemas.codec import AvroCodec, CodecError
 from server import results
 from server.config import ServerConfig
 from server.embed.preprocess import CropError
 from server.identity import IdentityMatcher, TrackState
+from server.sink import DeliveryFailed, Record, ResultSink
 from server.store import AnalyticsStore, BatchWrite, prototype_row
 from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops, undecoded_crops
 from server.vectors import Prototype, build_vectors
@@ -48,12 +48,6 @@ from server.vectors import Prototype, build_vectors
 log = logging.getLogger(__name__)
 
 _STAGES = ("decode", "embed", "gender", "match", "vectors_store", "produce")
-
-
-class DeliveryFailed(RuntimeError):
-    """A batch's results or dead letters were refused (not merely delayed) by the broker, or the server was
-    stopped while they waited: its offsets were not stored, so the batch is redelivered. :func:`run_forever`
-    starts a fresh consumer on it (state reloaded from the analytics store) instead of exiting."""
 
 
 class Metrics:
@@ -160,12 +154,16 @@ class ReidConsumer:
                 "fetch.wait.max.ms": k.fetch_max_wait_ms,
                 "enable.partition.eof": False,
                 **k.extra}))
-        self.producer = Producer(producer_config(k.bootstrap, k.client_id + "-out", **{
-            # Results wait for the broker as long as it is away (the input cannot be fetched meanwhile either):
-            # no timeout turns a long outage into a failed batch. Order across retries comes from idempotence
-            # (up to 5 requests in flight); a batch that still fails is purged and replayed (DeliveryFailed).
-            "message.timeout.ms": 0,
-            **k.extra}))
+        # The durable half of each batch: on a writer thread with its own results producer, or in a commit
+        # process (server/writer.py) that owns the SQL transaction and the producer.
+        self._writer: Any = None
+        self.sink: ResultSink | None = None
+        if cfg.batch.commit_process:
+            from server.writer import CommitProcess
+
+            self._writer = CommitProcess(cfg)
+        else:
+            self.sink = ResultSink(k, stopped=self.stop.is_set)
         self.codec = AvroCodec("edge_frame")
         self.dlq_codec = AvroCodec("dead_letter")
         # nvJPEG path: the embedder decodes JPEG bytes on the GPU (gender needs CPU pixels, so not with it).
@@ -174,14 +172,12 @@ class ReidConsumer:
         threads = cfg.batch.decode_threads or allowed_cpus()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jpeg")
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") \
-            if cfg.batch.pipelined_commit else None
-        self._inflight: tuple[Sequence[Item], Future[None]] | None = None
-        self._delivery_errors: list[str] = []
+            if cfg.batch.pipelined_commit and self._writer is None else None
+        self._inflight: tuple[Sequence[Item], Future[None] | Commit] | None = None
         self._pending: collections.deque[Item] = collections.deque()
         self._assigned: list[TopicPartition] = []
         self.last_loop_at = time.monotonic()
         self.last_batch_at: float | None = None
-        self.output_waiting_since: float | None = None  # results held by a broker outage (health shows it)
         self.batches = 0
         self._rate: list[tuple[float, int]] = []
         self._lag_at = 0.0
@@ -201,6 +197,11 @@ class ReidConsumer:
         imported.clear()
 
     # --- lifecycle -------------------------------------------------------------------------
+    @property
+    def output_waiting_since(self) -> float | None:
+        """Since when the batch being committed waits for the broker (health shows it), else None."""
+        return self._writer.waiting_since if self._writer is not None else self.sink.waiting_since  # type: ignore[union-attr]
+
     def health(self) -> dict[str, Any]:
         stalled = time.monotonic() - self.last_loop_at > self.cfg.kafka.max_poll_interval_ms / 1000 / 2
         waiting = self.output_waiting_since
@@ -234,6 +235,7 @@ class ReidConsumer:
                     items = self._collect()
                     if items:
                         self.process(items)
+                    self._reap_commit()
                     self._update_lag()
         finally:
             self.close()
@@ -253,6 +255,7 @@ class ReidConsumer:
                 if inflight is not None:
                     self.finish(inflight[0], inflight[1].result())
                 inflight = nxt
+                self._reap_commit()
                 self._update_lag()
             if inflight is not None:  # stopping: finish what was already taken (or it is simply redelivered)
                 self.finish(inflight[0], inflight[1].result())
@@ -273,11 +276,10 @@ class ReidConsumer:
             self.consumer.close()
         except (KafkaException, RuntimeError) as exc:
             log.warning("consumer close failed: %s", exc)
-        if self.producer.flush(10):
-            # Undelivered results of a batch whose offsets were never stored: it is redelivered to whoever
-            # consumes next. Dropped here so a late delivery can never land after that replay's results.
-            self.producer.purge()
-            self.producer.flush(0)
+        if self._writer is not None:
+            self._writer.close()
+        else:
+            self.sink.close()  # type: ignore[union-attr]
         self.pool.shutdown(wait=True)
         self.vectors.close()
         self.store.close()
@@ -460,6 +462,11 @@ class ReidConsumer:
         m.stage.labels("match").observe(t4 - t3)
         work = Commit(items, ok, len(todo), batch, outputs, [it for it in items if it.error is not None],
                       self.vectors.take_changes())
+        if self._writer is not None:
+            self.await_commit()
+            self._writer.submit(work.batch, work.outputs, self._dead_letters(work.dead))
+            self._inflight = (items, work)
+            return
         if self._committer is None:
             self._commit(work)
             self._store_offsets(items)
@@ -470,14 +477,30 @@ class ReidConsumer:
         self.await_commit()
         self._inflight = (items, self._committer.submit(self._commit, work))
 
+    def _reap_commit(self) -> None:
+        """Account for the batch being committed and store its offsets as soon as it is durable, instead of
+        when the next batch needs the writer (a quiet stream's last batch would otherwise wait for traffic)."""
+        if self._inflight is None:
+            return
+        pending = self._inflight[1]
+        if self._writer.ready() if isinstance(pending, Commit) else pending.done():
+            self.await_commit()
+
     def await_commit(self) -> None:
         """Wait for the batch being committed, then store its offsets (a failed commit raises here and its
         offsets are never stored: the batch is redelivered and rewritten idempotently)."""
         if self._inflight is None:
             return
-        items, fut = self._inflight
+        items, pending = self._inflight
         self._inflight = None
-        fut.result()
+        if isinstance(pending, Commit):  # in the commit process
+            sql_s, produce_s = self._writer.result(self.stop.is_set)
+            self.vectors.submit_changes(pending.vector_changes)  # SQL committed: the mirror may follow
+            self.metrics.stage.labels("vectors_store").observe(sql_s)
+            self.metrics.stage.labels("produce").observe(produce_s)
+            self._account(pending)
+        else:
+            pending.result()
         self._store_offsets(items)
 
     def _commit(self, c: Commit) -> None:
@@ -488,10 +511,13 @@ class ReidConsumer:
         self.vectors.submit_changes(c.vector_changes)  # then the Qdrant mirror (asynchronous: may lag, never lead)
         t5 = time.perf_counter()
         m.stage.labels("vectors_store").observe(t5 - t4)
-        self._produce(c.outputs, c.dead)
-        t6 = time.perf_counter()
-        m.stage.labels("produce").observe(t6 - t5)
+        self.sink.deliver(c.outputs, self._dead_letters(c.dead))  # type: ignore[union-attr]
+        m.stage.labels("produce").observe(time.perf_counter() - t5)
+        self._account(c)
 
+    def _account(self, c: Commit) -> None:
+        """Metrics of a batch that is now durable."""
+        m = self.metrics
         done_us = time.time_ns() // 1000
         for it in c.ok:
             m.e2e.observe(max(0.0, (done_us - it.record["captured_at_us"]) / 1e6))  # type: ignore[index]
@@ -549,48 +575,19 @@ class ReidConsumer:
         return results.reid_result(rec, people, self.embedder.model_id, now_us)
 
     # --- output and offsets ----------------------------------------------------------------
-    def _delivered(self, err: KafkaError | None, msg: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{msg.topic()}: {err}")
-
-    def _produce_one(self, topic: str, key: bytes | None, value: bytes) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._delivered)
-                self.producer.poll(0)
-                return
-            except BufferError:
-                self.producer.poll(0.1)  # local queue full: let deliveries drain
-
-    def _produce(self, outputs: list[tuple[bytes, bytes]], dead: list[Item]) -> None:
-        k = self.cfg.kafka
-        if k.produce_results:
-            for key, value in outputs:
-                self._produce_one(k.output_topic, key, value)
+    def _dead_letters(self, dead: Sequence[Item]) -> list[Record]:
+        """Each undecodable or invalid message as a dead-letter record (key, value), logged with its reason."""
+        out: list[Record] = []
         for it in dead:
             assert it.error is not None
             msg = it.msg
             log.warning("dead letter", extra={"error_type": it.error[0], "reason": it.error[1],
                                               "partition": msg.partition(), "offset": msg.offset()})
-            self._produce_one(k.dlq_topic, msg.key(), self.dlq_codec.encode({
+            out.append((msg.key(), self.dlq_codec.encode({
                 "source_topic": msg.topic(), "source_partition": msg.partition(), "source_offset": msg.offset(),
                 "key": msg.key(), "value": msg.value(), "reason": it.error[1], "error_type": it.error[0],
-                "consumer": self.instance, "failed_at_us": time.time_ns() // 1000}))
-        remaining = self.producer.flush(1.0)
-        started = warned = time.monotonic()
-        while remaining and not self._delivery_errors and not self.stop.is_set():
-            # Broker away: wait for it (messages never time out), saying so in health and the log.
-            self.output_waiting_since = started
-            if time.monotonic() - warned >= 10:
-                warned = time.monotonic()
-                log.warning("results waiting for the broker", extra={"undelivered": remaining,
-                                                                     "waiting_s": round(warned - started)})
-            remaining = self.producer.flush(1.0)
-        self.output_waiting_since = None
-        if remaining or self._delivery_errors:
-            errs, self._delivery_errors = self._delivery_errors[:5], []
-            # Offsets are not stored: the batch will be redelivered and rewritten idempotently.
-            raise DeliveryFailed(f"could not deliver results/dead letters ({remaining} undelivered): {errs}")
+                "consumer": self.instance, "failed_at_us": time.time_ns() // 1000})))
+        return out
 
     def _store_offsets(self, items: Sequence[Item]) -> None:
         last: dict[tuple[str, int], int] = {}

@@ -55,9 +55,9 @@ def run_until(consumer: ReidConsumer, done: callable, timeout_s: float = 120.0) 
     assert not th.is_alive()
 
 
-@pytest.mark.parametrize("embed_process", [False, True], ids=["in_process", "embed_process"])
+@pytest.mark.parametrize("processes", [False, True], ids=["in_process", "embed_and_commit_processes"])
 def test_same_person_two_cameras_one_id_others_distinct(kafka_bootstrap: str, topics: dict[str, str],
-                                                         market: Market, tmp_path: Path, embed_process: bool) -> None:
+                                                         market: Market, tmp_path: Path, processes: bool) -> None:
     t0 = (time.time_ns() // 1000) - 120_000_000
     cam_a = track_frames("dev-1", "cam-a", t0, {1: market.crops("0001", 0), 2: market.crops("0004", 0)})
     cam_b = track_frames("dev-2", "cam-b", t0 + 10_000_000, {7: market.crops("0001", 1), 8: market.crops("0005", 1)})
@@ -65,13 +65,14 @@ def test_same_person_two_cameras_one_id_others_distinct(kafka_bootstrap: str, to
     produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
 
     cfg = server_config(kafka_bootstrap, topics, tmp_path)
-    cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={"embed_process": embed_process,
-                                                                        "overlap": embed_process})})
+    cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={
+        "embed_process": processes, "overlap": processes, "commit_process": processes})})
     consumer = ReidConsumer(cfg)
-    if embed_process:
+    if processes:
         from server.embed.remote import RemoteEmbedder
 
         assert isinstance(consumer.embedder, RemoteEmbedder) and consumer.embedder.pid is not None
+        assert consumer._writer is not None and consumer._writer.pid not in (None, consumer.embedder.pid)
     outs: list[bytes] = []
     run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
     outs = read_all(kafka_bootstrap, topics["reid_output"], len(frames))

@@ -121,3 +121,51 @@ def test_sigkill_mid_batch_then_restart_loses_nothing_and_duplicates_nothing(
     outs = read_all(kafka_bootstrap, topics["reid_output"], 2 * len(frames), timeout_s=15)
     seen = {(r["device_id"], r["frame_index"]) for r in map(OUT.decode, outs)}
     assert seen == {(f["device_id"], f["frame_index"]) for f in frames}, "every frame has a result"
+
+
+def test_commit_process_killed_mid_stream_is_replaced_and_loses_nothing(
+        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path) -> None:
+    """batch.commit_process: SIGKILL the writer process between batches; the batch in flight fails
+    (DeliveryFailed), run_forever starts a fresh consumer and writer from the committed offsets, and the
+    stores end exactly as an uninterrupted run leaves them."""
+    import threading
+
+    from common.service import StopSignal
+    from server.consume import run_forever
+
+    frames = stream(market)
+    produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
+    n_tracks = 20
+    cfg = server_config(kafka_bootstrap, topics, tmp_path / "proc",
+                        batch={"max_crops": 4, "max_wait_ms": 20, "commit_process": True})
+    (tmp_path / "proc").mkdir(exist_ok=True)
+    stop = StopSignal(install_handlers=False)
+    consumers: list[ReidConsumer] = []
+    th = threading.Thread(target=run_forever, args=(cfg, stop), kwargs={"on_ready": consumers.append}, daemon=True)
+    th.start()
+    try:
+        deadline = time.monotonic() + 120
+        while count_ended(cfg.store.url) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done_at_kill = count_ended(cfg.store.url)
+        writer_pid = consumers[0]._writer.pid
+        os.kill(writer_pid, signal.SIGKILL)
+        assert 0 < done_at_kill < n_tracks, f"kill did not land mid-stream ({done_at_kill} tracks done)"
+        deadline = time.monotonic() + 180
+        while count_ended(cfg.store.url) < n_tracks and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        th.join(60)
+    assert not th.is_alive()
+    assert len(consumers) >= 2 and consumers[-1]._writer.pid != writer_pid, "a fresh writer took over"
+    crashed = snapshot(cfg.store.url)
+
+    clean_cfg = server_config(kafka_bootstrap, topics, tmp_path / "clean", batch={"max_crops": 4, "max_wait_ms": 20},
+                              kafka={"group_id": "clean-" + topics["reid_input"]})
+    (tmp_path / "clean").mkdir(exist_ok=True)
+    consumer = ReidConsumer(clean_cfg)
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    assert len(crashed["tracks"]) == n_tracks and all(t[3] is not None and t[6] for t in crashed["tracks"])
+    assert crashed == snapshot(clean_cfg.store.url)
