@@ -92,29 +92,27 @@ class IdentityState:
     male_n: int = 0
     n_tracks: int = 0
     prototypes: dict[str, int] = field(default_factory=dict)  # point id (track uid) -> last_seen_us
-    # track uid -> (camera, first_seen_us, last_seen_us) of this identity's live tracks, and of tracks that
-    # ended in the current batch (a batch decides identities after it has seen its tracks end, so those
-    # stay until the batch is decided: co-visibility is a question of time overlap, not of being live now)
-    active: dict[str, tuple[tuple[str, str], int, int]] = field(default_factory=dict)
-    # the same entries by camera (first_seen_us, last_seen_us): co-visibility only asks about the track's own
-    # camera, and an identity seen by many tracks at once (a busy gallery) would otherwise be scanned whole
+    # This identity's live tracks, and the tracks that ended in the current batch (a batch decides identities
+    # after it has seen its tracks end, so those stay until the batch is decided: co-visibility is a question
+    # of time overlap, not of being live now). Kept by camera, camera -> track uid -> (first_seen_us,
+    # last_seen_us), because co-visibility only asks about the track's own camera and an identity seen by many
+    # tracks at once would otherwise be scanned whole; ``active`` says which camera holds each uid.
     by_camera: dict[tuple[str, str], dict[str, tuple[int, int]]] = field(default_factory=dict)
+    active: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     def set_active(self, uid: str, camera: tuple[str, str], first_us: int, last_us: int) -> None:
-        old = self.active.get(uid)
-        if old is not None and old[0] != camera:
+        if self.active.get(uid, camera) != camera:
             self.drop_active(uid)
-        self.active[uid] = (camera, first_us, last_us)
+        self.active[uid] = camera
         self.by_camera.setdefault(camera, {})[uid] = (first_us, last_us)
 
     def drop_active(self, uid: str) -> None:
-        old = self.active.pop(uid, None)
-        if old is not None:
-            per = self.by_camera.get(old[0])
-            if per is not None:
-                per.pop(uid, None)
-                if not per:
-                    del self.by_camera[old[0]]
+        camera = self.active.pop(uid, None)
+        if camera is not None:
+            per = self.by_camera[camera]
+            del per[uid]
+            if not per:
+                del self.by_camera[camera]
 
     @property
     def male_probability(self) -> float | None:
@@ -496,7 +494,7 @@ class IdentityMatcher:
         cutoff = now_us - int(self.cfg.retention_s * 1e6)
         old = now_us - self._gap_us
         for ident in self.identities.values():  # forget tracks long over (live ones are seen, so recent)
-            for uid in [u for u, (_c, _f, last_us) in ident.active.items() if last_us < old]:
+            for uid in [u for per in ident.by_camera.values() for u, (_f, last_us) in per.items() if last_us < old]:
                 ident.drop_active(uid)
         doomed = [gid for gid, ident in self.identities.items() if ident.last_seen_us < cutoff and not ident.active]
         if doomed:

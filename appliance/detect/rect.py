@@ -71,7 +71,8 @@ def reshape_yolo_ir(model: ov.Model, hw: tuple[int, int]) -> ov.Model:
         raise RectUnsupported(f"the IR's input {old[0]}x{old[1]} is not square")
     m = model.clone()
     n_old, n_new = _anchors(old), _anchors((h, w))
-    g_old, g_new = (old[0] // 32, old[1] // 32), (h // 32, w // 32)
+    top = STRIDES[-1]  # the coarsest grid, where the attention block works
+    g_old, g_new = (old[0] // top, old[1] // top), (h // top, w // top)
     pts_old, str_old = anchor_points(old)
     pts_new, str_new = anchor_points((h, w))
     replaced = {"anchor_points": 0, "strides": 0, "reshapes": 0}

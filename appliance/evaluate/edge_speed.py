@@ -170,7 +170,7 @@ def child_detector_rect(args: argparse.Namespace) -> dict[str, Any]:
 
 CHILDREN = {"detector": child_detector, "detector_rect": child_detector_rect, "loop": child_loop,
             "ultralytics": child_ultralytics}
-SYSTEMS = ("detector", "detector_rect", "loop", "ultralytics")
+SYSTEMS = tuple(CHILDREN)  # the order each round runs them in
 
 
 def _python_for(system: str) -> str:

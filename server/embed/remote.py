@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import pickle
 import threading
 from collections.abc import Sequence
 from multiprocessing.connection import Connection
@@ -102,7 +101,7 @@ class RemoteEmbedder:
             try:
                 self._conn.send((op, payload))
                 kind, out = self._conn.recv()  # blocks in C, GIL released
-            except (EOFError, OSError, pickle.PicklingError, BrokenPipeError) as exc:
+            except (EOFError, OSError) as exc:  # the child is gone (a payload that does not pickle is raised as is)
                 code = self._proc.exitcode if self._proc is not None else None
                 self._conn = None
                 raise EmbedderProcessDied(f"embedder process died (exit code {code}): {exc}") from exc
