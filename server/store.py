@@ -130,6 +130,9 @@ class BatchWrite:
     # point id -> prototype row (``prototype_row``) or None (delete): the durable copy of the gallery
     prototypes: dict[str, dict[str, Any] | None] = field(default_factory=dict)
     drop_identities: set[str] = field(default_factory=set)  # delete every prototype of these identities
+    # Tracks first seen in this batch: no stored sightings yet, so an assignment needs no UPDATE of them (the
+    # batch's own sightings already carry the final id).
+    fresh_tracks: set[str] = field(default_factory=set)
 
     def add_sighting(self, track_uid: str, bucket_start_us: int, device_id: str, camera_id: str,
                      global_id: str | None, at_us: int) -> None:
@@ -173,6 +176,7 @@ class AnalyticsStore:
         self.url = url
         self.engine: Engine = sa.create_engine(url, future=True, pool_pre_ping=True)
         self.dialect = self.engine.dialect.name
+        self._compiled: dict[tuple[Any, ...], tuple[str, tuple[str, ...] | None]] = {}
         if self.dialect == "sqlite":
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         if create:
@@ -196,10 +200,23 @@ class AnalyticsStore:
     def _upsert(self, conn: Connection, table: sa.Table, rows: Sequence[dict[str, Any]],
                 keys: Sequence[str], rules: dict[str, str]) -> None:
         """Insert rows; on key conflict merge column by column: min, max, coalesce (new wins if not NULL),
-        or, (boolean OR), new (overwrite)."""
+        or, (boolean OR), new (overwrite). One executemany at the driver: the statement is compiled once per
+        table and column set, and rows go to the driver as they are (SQLAlchemy's per-row parameter handling
+        was about a third of a batch's commit time)."""
         if not rows:
             return
-        stmt = self._insert(table)
+        cols = tuple(rows[0])
+        key = (table.name, cols, tuple(keys))
+        compiled = self._compiled.get(key)
+        if compiled is None:
+            compiled = self._compiled[key] = self._compile_upsert(table, cols, keys, rules)
+        sql, order = compiled
+        params: Any = [tuple(r[c] for c in order) for r in rows] if order is not None else list(rows)
+        conn.exec_driver_sql(sql, params)
+
+    def _compile_upsert(self, table: sa.Table, cols: Sequence[str], keys: Sequence[str], rules: dict[str, str]
+                        ) -> tuple[str, tuple[str, ...] | None]:
+        stmt = self._insert(table).values({c: sa.bindparam(c) for c in cols})
         ex = stmt.excluded
         set_: dict[str, Any] = {}
         for col, rule in rules.items():
@@ -216,7 +233,8 @@ class AnalyticsStore:
                 set_[col] = new
             else:  # pragma: no cover - programming error
                 raise ValueError(rule)
-        conn.execute(stmt.on_conflict_do_update(index_elements=list(keys), set_=set_), list(rows))
+        compiled = stmt.on_conflict_do_update(index_elements=list(keys), set_=set_).compile(dialect=self.engine.dialect)
+        return str(compiled), (tuple(compiled.positiontup or ()) if compiled.positional else None)
 
     # --- writes ---------------------------------------------------------------------------
     def write(self, batch: BatchWrite) -> None:
@@ -235,10 +253,11 @@ class AnalyticsStore:
                 "ended": "or"})
             self._upsert(conn, sightings, list(batch.sightings.values()), ["track_uid", "bucket_start_us"], {
                 "global_id": "coalesce", "first_seen_us": "min", "last_seen_us": "max"})
-            if batch.assignments:
+            relabel = [{"uid": u, "gid": g} for u, g in batch.assignments.items() if u not in batch.fresh_tracks]
+            if relabel:
                 conn.execute(sa.update(sightings).where(sightings.c.track_uid == sa.bindparam("uid"))
-                             .values(global_id=sa.bindparam("gid")),
-                             [{"uid": u, "gid": g} for u, g in batch.assignments.items()])
+                             .values(global_id=sa.bindparam("gid")), relabel)
+            if batch.assignments:
                 self._record_transitions(conn, list(batch.assignments))
             if batch.merges:
                 conn.execute(sa.update(identities).where(identities.c.global_id == sa.bindparam("old"))
@@ -258,7 +277,8 @@ class AnalyticsStore:
         doomed = [pid for pid, row in batch.prototypes.items() if row is None]
         for chunk in _chunks(doomed):
             conn.execute(sa.delete(prototypes).where(prototypes.c.point_id.in_(chunk)))
-        self._upsert(conn, prototypes, [r for r in batch.prototypes.values() if r is not None], ["point_id"], {
+        self._upsert(conn, prototypes, [_stored_prototype(r) for r in batch.prototypes.values() if r is not None],
+                     ["point_id"], {
             "global_id": "new", "embedder_id": "new", "vector": "new", "payload": "new", "rev": "new"})
 
     def _record_transitions(self, conn: Connection, track_uids: list[str]) -> None:
@@ -268,8 +288,11 @@ class AnalyticsStore:
         me, prev = tracks.alias("me"), tracks.alias("prev")
         p = tracks.alias("p")
         latest = (sa.select(p.c.track_uid)
+                  # "+ 0" keeps the planner off (global_id, first_seen_us): that index reads every earlier
+                  # track of the identity and sorts them (measured 80 us an assignment at ~200 tracks an
+                  # identity, growing with it), where (global_id, last_seen_us) stops at the first hit.
                   .where(p.c.global_id == me.c.global_id, p.c.track_uid != me.c.track_uid,
-                         p.c.first_seen_us <= me.c.first_seen_us)
+                         p.c.first_seen_us + 0 <= me.c.first_seen_us)
                   .order_by(p.c.last_seen_us.desc()).limit(1).scalar_subquery())
         cols = ["to_track_uid", "global_id", "from_track_uid", "from_device_id", "from_camera_id", "left_at_us",
                 "to_device_id", "to_camera_id", "entered_at_us"]
@@ -352,9 +375,15 @@ def pick_track(rows: Sequence[dict[str, Any]], at_us: int, gap_us: int) -> dict[
 
 def prototype_row(point_id: str, global_id: str, embedder_id: str, vector: np.ndarray, payload: dict[str, Any],
                   rev: int) -> dict[str, Any]:
-    return {"point_id": point_id, "global_id": global_id, "embedder_id": embedder_id,
-            "vector": np.ascontiguousarray(vector, dtype="<f4").tobytes(), "payload": json.dumps(payload),
-            "rev": int(rev)}
+    """A ``prototypes`` row as the batch holds it: the vector and payload are serialised by the writer
+    (:func:`_stored_prototype`), on the commit thread or process, not on the matcher's."""
+    return {"point_id": point_id, "global_id": global_id, "embedder_id": embedder_id, "vector": vector,
+            "payload": payload, "rev": int(rev)}
+
+
+def _stored_prototype(row: dict[str, Any]) -> dict[str, Any]:
+    return {**row, "vector": np.ascontiguousarray(row["vector"], dtype="<f4").tobytes(),
+            "payload": json.dumps(row["payload"])}
 
 
 def _chunks(items: list[Any], n: int = 500) -> Iterator[list[Any]]:
