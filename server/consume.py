@@ -41,7 +41,7 @@ from server import results
 from server.config import ServerConfig
 from server.embed.preprocess import CropError
 from server.identity import IdentityMatcher, TrackState
-from server.sink import DeliveryFailed, Record, ResultSink
+from server.sink import DeliveryFailed, Record, Result, ResultSink
 from server.store import AnalyticsStore, BatchWrite, prototype_row
 from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops, undecoded_crops
 from server.vectors import Prototype, build_vectors
@@ -111,7 +111,7 @@ class Commit:
     ok: list[Item]
     n_crops: int
     batch: BatchWrite
-    outputs: list[tuple[bytes, bytes]]
+    outputs: list[Result]  # reid_output (key, record): encoded by the sink
     dead: list[Item]
     vector_changes: dict[str, Prototype | None]  # the cache's changes for the Qdrant mirror
 
@@ -458,7 +458,7 @@ class ReidConsumer:
                 self.metrics.assignments.labels(kind).inc(self.matcher.stats[kind] - before[kind])
         # 3. Sightings and one reid_output message per frame, with the batch's final ids.
         now_us = time.time_ns() // 1000
-        outputs = [(rec["device_id"].encode(), results.encode(self._frame_result(rec, boxes, batch, now_us)))
+        outputs = [(rec["device_id"].encode(), self._frame_result(rec, boxes, batch, now_us))
                    for rec, _crop_tracks, boxes in frames]
         if latest_us:
             self.matcher.expire(latest_us, batch)

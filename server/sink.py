@@ -11,15 +11,18 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
 from common.kafka import producer_config
+from server import results
 from server.config import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 Record = tuple[bytes | None, bytes]  # (key, value)
+Result = tuple[bytes, dict[str, Any]]  # (key, reid_result record): encoded here, off the matcher's thread
 
 
 class DeliveryFailed(RuntimeError):
@@ -62,11 +65,11 @@ class ResultSink:
             if self._on_wait is not None:
                 self._on_wait(since)
 
-    def deliver(self, outputs: Sequence[Record], dead: Sequence[Record]) -> None:
-        """Produce, then wait until every message is acknowledged; raises :class:`DeliveryFailed`."""
+    def deliver(self, outputs: Sequence[Result], dead: Sequence[Record]) -> None:
+        """Encode and produce, then wait until every message is acknowledged; raises :class:`DeliveryFailed`."""
         if self.k.produce_results:
-            for key, value in outputs:
-                self._produce_one(self.k.output_topic, key, value)
+            for key, record in outputs:
+                self._produce_one(self.k.output_topic, key, results.encode(record))
         for key, value in dead:
             self._produce_one(self.k.dlq_topic, key, value)
         remaining = self.producer.flush(1.0)

@@ -32,6 +32,11 @@ def _finite(*vals: float) -> bool:
 
 
 def check_box(where: str, x1: float, y1: float, x2: float, y2: float, w: int, h: int, tol: float) -> None:
+    """``where`` names the box in the error ("detections[3]")."""
+    isfinite = math.isfinite
+    if isfinite(x1) and isfinite(y1) and isfinite(x2) and isfinite(y2) and x2 > x1 and y2 > y1 \
+            and -tol * w <= x1 and -tol * h <= y1 and x2 <= w + tol * w and y2 <= h + tol * h:
+        return  # the common case: one pass of comparisons, no message built
     if not _finite(x1, y1, x2, y2):
         raise InvalidFrame("invalid_box", f"{where}: non-finite coordinate ({x1}, {y1}, {x2}, {y2})")
     if not (x2 > x1 and y2 > y1):
@@ -68,7 +73,7 @@ def check_frame(rec: dict[str, Any], cfg: ValidationSettings, now_us: int | None
     for i, d in enumerate(dets):
         where = f"detections[{i}]"
         check_box(where, d["x1"], d["y1"], d["x2"], d["y2"], w, h, tol)
-        if not (_finite(d["score"]) and 0.0 <= d["score"] <= 1.0):
+        if not (math.isfinite(d["score"]) and 0.0 <= d["score"] <= 1.0):
             raise InvalidFrame("invalid_field", f"{where}.score {d['score']} not in [0, 1]")
         if not 0 <= d["class_id"] < 10_000:
             raise InvalidFrame("invalid_field", f"{where}.class_id {d['class_id']} is absurd")

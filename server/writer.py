@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from server.sink import DeliveryFailed, Record
+from server.sink import DeliveryFailed, Record, Result
 from server.store import BatchWrite
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ class CommitProcess:
         v = float(self._waiting.value)
         return v or None
 
-    def submit(self, batch: BatchWrite, outputs: Sequence[Record], dead: Sequence[Record]) -> None:
+    def submit(self, batch: BatchWrite, outputs: Sequence[Result], dead: Sequence[Record]) -> None:
         assert not self._busy, "one batch in flight: call result() first"
         try:
             self._conn.send((batch, list(outputs), list(dead)))
