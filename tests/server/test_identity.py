@@ -1,0 +1,78 @@
+"""The matcher's in-batch candidates: the batch-wide pair search must answer what a per-track scan answers."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.identity import TrackState, _BatchPoints
+
+
+def _track(j: int, gid: str | None) -> TrackState:
+    t = TrackState(f"t{j}", "d", "c", j, 0, 0, 0, 0)
+    t.global_id = gid
+    return t
+
+
+def _reference(sims: np.ndarray, upto: int, live: list[str | None], floor: float, keep: int, limit: int
+               ) -> dict[str, float]:
+    """The per-track scan it replaced: the query's ``keep`` best earlier tracks, those at or above the floor
+    whose prototype is live, best score per identity, the ``limit`` best identities."""
+    earlier = sorted(range(upto), key=lambda j: -sims[j])[:keep]
+    best: dict[str, float] = {}
+    for j in earlier:
+        gid = live[j]
+        if gid is not None and sims[j] >= floor and sims[j] > best.get(gid, -2.0):
+            best[gid] = float(sims[j])
+    return dict(sorted(best.items(), key=lambda kv: -kv[1])[:limit])
+
+
+def test_batch_pairs_equal_a_scan_per_track_through_evictions_and_merges() -> None:
+    rng = np.random.default_rng(11)
+    n, floor, keep, limit = 120, 0.1, 12, 4
+    gids = [f"g{int(k)}" for k in rng.integers(0, 15, n)]
+    tracks = [_track(j, gids[j]) for j in range(n)]
+    queries = sorted(rng.choice(n, 70, replace=False).tolist())
+    sims = rng.uniform(-0.5, 1.0, (len(queries), n)).astype(np.float32)
+    gone: set[str] = set()
+    pts = _BatchPoints(tracks, sims, queries, floor, keep, gone)
+    live: list[str | None] = [None] * n
+    checked = 0
+    slot = {q: r for r, q in enumerate(queries)}
+    for i in range(n):
+        r = slot.get(i)
+        if r is not None:
+            got = pts.best(r, limit)
+            want = _reference(sims[r], i, live, floor, keep, limit)
+            assert got == want, (i, got, want)
+            assert list(got.values()) == sorted(got.values(), reverse=True), "best first"
+            checked += bool(want)
+        pts.decided(i)
+        live[i] = gids[i]
+        if i % 9 == 4:  # a bank overflow evicts an earlier track's prototype
+            victim = int(rng.integers(0, i + 1))
+            pts.drop([f"t{victim}"])
+            live[victim] = None
+        if i == 60:  # a provisional identity merged into another: its prototypes are deleted
+            old = gids[10]
+            pts.drop_identity(old)
+            gone.add(old)
+            live = [None if g == old else g for g in live]
+            for t in tracks[61:]:
+                if t.global_id == old:
+                    t.global_id = "merged"
+            gids = [t.global_id for t in tracks]  # type: ignore[misc]
+            pts.stale = True
+    assert checked > 40
+
+
+def test_a_track_rewritten_after_its_eviction_is_a_candidate_again() -> None:
+    tracks = [_track(0, "a"), _track(1, "b")]
+    sims = np.array([[0.0, 0.0], [0.9, 0.0]], dtype=np.float32)  # query rows for tracks 0 and 1
+    pts = _BatchPoints(tracks, sims, [0, 1], 0.5, 8)
+    pts.drop(["t0"])  # not decided yet: nothing to drop
+    pts.decided(0)
+    assert pts.best(1, 4) == {"a": 0.8999999761581421}
+    pts.drop(["t0"])
+    assert pts.best(1, 4) == {}
+    pts.decided(0)
+    assert pts.best(1, 4) == {"a": 0.8999999761581421}
