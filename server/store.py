@@ -206,7 +206,7 @@ class AnalyticsStore:
         if not rows:
             return
         cols = tuple(rows[0])
-        key = (table.name, cols, tuple(keys))
+        key = (table.name, cols, tuple(keys), tuple(rules.items()))
         compiled = self._compiled.get(key)
         if compiled is None:
             compiled = self._compiled[key] = self._compile_upsert(table, cols, keys, rules)
