@@ -76,3 +76,44 @@ def test_a_track_rewritten_after_its_eviction_is_a_candidate_again() -> None:
     assert pts.best(1, 4) == {}
     pts.decided(0)
     assert pts.best(1, 4) == {"a": 0.8999999761581421}
+
+
+def _eager_merge(inside: dict[str, float], gallery: list[tuple[str, str, float]], skip_points: set[str],
+                 skip_identities: set[str], limit: int) -> list[tuple[str, float]]:
+    """The eager merge the lazy one replaced: in-batch best per identity, gallery hits folded in, sorted."""
+    best = dict(inside)
+    for gid, pid, score in gallery:
+        if pid in skip_points or gid in skip_identities:
+            continue
+        if score > best.get(gid, -2.0):
+            best[gid] = score
+    return sorted(best.items(), key=lambda kv: -kv[1])[:limit]
+
+
+def test_lazy_candidate_merge_equals_the_eager_sorted_merge() -> None:
+    from types import SimpleNamespace
+
+    from server.identity import IdentityMatcher
+
+    rng = np.random.default_rng(5)
+    for trial in range(40):
+        n, limit = 60, int(rng.integers(1, 8))
+        gids = [f"g{int(k)}" for k in rng.integers(0, 12, n)]
+        tracks = [_track(j, gids[j]) for j in range(n)]
+        sims = rng.uniform(0.0, 1.0, (1, n)).astype(np.float32)
+        pts = _BatchPoints(tracks, sims, [n - 1], 0.3, 40)
+        for j in range(n - 1):
+            pts.decided(j)
+        # The gallery before the batch: best point per identity, best first (what search_many returns).
+        scores = sorted(rng.uniform(0.0, 1.0, 10).tolist(), reverse=True)
+        gallery = [(f"g{int(k)}", f"p{i}", s) for i, (k, s) in enumerate(zip(rng.permutation(12)[:10], scores))]
+        written = {f"p{i}" for i in rng.choice(10, 2, replace=False)}
+        gone_p = {f"p{int(rng.integers(0, 10))}"}
+        gone_i = {f"g{int(rng.integers(0, 12))}"}
+        pts.gone_identities = gone_i
+        matcher = SimpleNamespace(_gone_points=gone_p, _gone_identities=gone_i, _inside=pts,
+                                  cfg=SimpleNamespace(candidates=limit))
+        got = list(IdentityMatcher._merge_candidates(matcher, gallery, 0, written))  # type: ignore[arg-type]
+        want = _eager_merge(pts.best(0, limit), gallery, written | gone_p, gone_i, limit)
+        assert [g for g, _ in got] == [g for g, _ in want], trial
+        assert np.allclose([s for _, s in got], [s for _, s in want])
