@@ -172,7 +172,7 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
                     if s.name.endswith("_sum"):
                         stages[s.labels["stage"]] = round(s.value, 3)
         n_crops = sum(len(f["crops"]) for f in frames)
-        host = sum(v for k, v in stages.items() if k not in ("embed", "gender"))
+        host = sum(v for k, v in stages.items() if k not in ("embed", "gender", "wait_prepared"))
         return {"crops": n_crops, "frames": len(frames), "seconds": end - first[0],
                 "crops_s": n_crops / (end - first[0]), "stage_seconds": stages,
                 # Ceiling of the whole consumer if the models cost nothing (a GPU box): the host-side stages.
@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-overlap", action="store_true", help="batch.overlap off (decode+embed not overlapped)")
     ap.add_argument("--embed-process", action="store_true", help="batch.embed_process: the whole consumer's embedder "
                     "runs in a child process (the stage figure stays in-process)")
+    ap.add_argument("--embed-workers", type=int, default=1, help="batch.embed_workers: embedder child processes "
+                    "(with --embed-process)")
+    ap.add_argument("--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval for this run "
+                    "(0: Python's default, 5 ms)")
     ap.add_argument("--commit-process", action="store_true", help="batch.commit_process: SQL commit and reid_output "
                     "in a child process")
     a = ap.parse_args(argv)
@@ -310,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
     from server.embed.base import build_embedder
 
     setup_logging("bench-server", "WARNING")
+    if a.switch_interval_ms:
+        import sys
+
+        sys.setswitchinterval(a.switch_interval_ms / 1000)
     root = require(data_path("market1501_subset", assets=a.assets), "Market-1501 subset")
     jpegs = market_jpegs(root, max(a.crops, 512))
     images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for _, j in jpegs]
@@ -342,15 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         cfg = {"embedder": {"type": a.embedder}, "gender": {"mode": a.gender}, "assets": a.assets,
                "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50, "overlap": not a.no_overlap,
-                         "embed_process": a.embed_process, "commit_process": a.commit_process}}
+                         "embed_process": a.embed_process, "embed_workers": a.embed_workers,
+                         "commit_process": a.commit_process}}
         consumer_embedder = embedder
         if a.embed_process:
             from server.embed.remote import RemoteEmbedder
 
-            consumer_embedder = RemoteEmbedder({"type": a.embedder}, assets=a.assets)
+            consumer_embedder = RemoteEmbedder({"type": a.embedder}, assets=a.assets, workers=a.embed_workers)
             warm = [j for _, j in jpegs[:a.batch_crops]]  # compile/graph capture is not throughput
             if consumer_embedder.decodes_jpegs:
                 consumer_embedder.embed_jpegs(warm)
+                # What the consumer's embed stage can do on its own: JPEG bytes in, vectors out, through the
+                # worker processes (nvJPEG decode + resize + network).
+                t = time.perf_counter()
+                for _ in range(3):
+                    consumer_embedder.embed_jpegs(warm)
+                res["remote_jpegs_crops_s"] = 3 * len(warm) / (time.perf_counter() - t)
+                print(f"  embed stage from JPEG bytes, {a.embed_workers} worker process(es): "
+                      f"{res['remote_jpegs_crops_s']:.0f} crops/s", flush=True)
             consumer_embedder.embed(images[:a.batch_crops])
         res["pipeline"] = bench_pipeline(cfg, jpegs, Path(tmp) / "real", consumer_embedder, gender, n_crops=a.crops,
                                          vectors=a.vectors)

@@ -48,7 +48,7 @@ from server.vectors import Prototype, build_vectors
 
 log = logging.getLogger(__name__)
 
-_STAGES = ("decode", "embed", "gender", "match", "vectors_store", "produce")
+_STAGES = ("parse", "decode", "embed", "gender", "wait_prepared", "match", "vectors_store", "produce")
 
 
 class Metrics:
@@ -133,7 +133,7 @@ class ReidConsumer:
         if embedder is None and cfg.batch.embed_process:
             from server.embed.remote import RemoteEmbedder
 
-            embedder = RemoteEmbedder(cfg.embedder, assets=cfg.assets)
+            embedder = RemoteEmbedder(cfg.embedder, assets=cfg.assets, workers=cfg.batch.embed_workers)
         self.embedder = embedder or build_embedder(cfg.embedder, assets=cfg.assets)
         self.gender = gender if gender is not None or cfg.gender.mode == "off" else \
             build_gender(cfg.gender.model, assets=cfg.assets)
@@ -259,7 +259,10 @@ class ReidConsumer:
                 items = self._collect()
                 nxt = (items, worker.submit(self.prepare, items)) if items else None
                 if inflight is not None:
-                    self.finish(inflight[0], inflight[1].result())
+                    t0 = time.perf_counter()
+                    prepared = inflight[1].result()
+                    self.metrics.stage.labels("wait_prepared").observe(time.perf_counter() - t0)
+                    self.finish(inflight[0], prepared)
                 inflight = nxt
                 self._reap_commit()
                 self._update_lag()
@@ -315,7 +318,10 @@ class ReidConsumer:
                 else:
                     msgs = self.consumer.consume(num_messages=want, timeout=max(0.0, deadline - time.monotonic()))
                 now_s = time.time()  # one clock read per fetch, not per message
+                t0 = time.perf_counter()
                 parsed = [self._parse(m, now_s) for m in msgs if self._usable(m)]
+                if parsed:
+                    self.metrics.stage.labels("parse").observe(time.perf_counter() - t0)
             for i, item in enumerate(parsed):
                 if items and (n_crops >= b.max_crops or len(items) >= b.max_messages):
                     # Batch full: keep the rest, in order, for the next batch (its offsets are not stored yet).

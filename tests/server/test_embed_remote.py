@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 
@@ -45,3 +46,30 @@ def test_same_vectors_as_in_process_and_errors_by_kind(market: Market) -> None:
 def test_a_bad_config_fails_at_start_with_the_reason() -> None:
     with pytest.raises(RuntimeError, match=r"FileNotFoundError: model file not found at /nonexistent/osnet\.pth"):
         RemoteEmbedder({"type": "osnet_openvino", "weights_path": "/nonexistent/osnet.pth"})
+
+
+def test_workers_split_a_batch_and_put_it_back_in_order(market: Market) -> None:
+    import cv2
+
+    crops = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in market.crops("0001", 0)[:5]]
+    local = build_embedder(CFG)
+    remote = RemoteEmbedder(CFG, workers=2, min_part=2)
+    try:
+        pids = remote.pids
+        assert len(set(pids)) == 2 and os.getpid() not in pids
+        np.testing.assert_allclose(remote.embed(crops), local.embed(crops), atol=1e-5)  # parts of 2 and 3
+        np.testing.assert_allclose(remote.embed(crops[:1]), local.embed(crops[:1]), atol=1e-5)  # one part
+        # a bad crop in the second part is named by its index in the whole batch
+        with pytest.raises(CropError, match="crop 3"):
+            remote.embed([*crops[:3], np.zeros((0, 5, 3), np.uint8)])
+        np.testing.assert_allclose(remote.embed(crops), local.embed(crops), atol=1e-5)  # both still in step
+
+        os.kill(pids[1], signal.SIGKILL)
+        # Found dead before the call: replaced and the call succeeds; dying during it: this batch fails.
+        with contextlib.suppress(EmbedderProcessDied):
+            remote.embed(crops)
+        np.testing.assert_allclose(remote.embed(crops), local.embed(crops), atol=1e-5)  # a fresh second worker
+        assert remote.pids[0] == pids[0] and remote.pids[1] not in pids
+    finally:
+        remote.close()
+    assert remote.pids == [None, None]
