@@ -451,15 +451,19 @@ class ReidConsumer:
         frames = [self._resolve_frame(it.record, [todo[j][1] for j in crops_of.get(i, ())],  # type: ignore[arg-type]
                                       batch) for i, it in enumerate(ok)]
         # 2. Each track's crops of the batch folded together, then one batched match for all tracks.
-        pending: dict[str, tuple[TrackState, list[int]]] = {}
+        index: dict[str, int] = {}
+        tracks: list[TrackState] = []  # in order of their first crop
+        owner = np.empty(len(todo), np.int64)
         for i, (_rec, crop_tracks, _boxes) in enumerate(frames):
             for j, t in zip(crops_of.get(i, ()), crop_tracks, strict=True):
-                pending.setdefault(t.track_uid, (t, []))[1].append(j)
-        for t, rows in pending.values():
-            self.matcher.add_crops(t, embs[rows], None if males is None else males[rows],
-                                   np.array([todo[j][1].quality for j in rows], np.float32))
+                k = index.get(t.track_uid)
+                if k is None:
+                    k = index[t.track_uid] = len(tracks)
+                    tracks.append(t)
+                owner[j] = k
+        self.matcher.fold_crops(tracks, owner, embs, males, np.array([c.quality for _, c in todo], np.float32))
         latest_us = max((it.record["captured_at_us"] for it in ok), default=0)  # type: ignore[index]
-        self.matcher.match_batch([t for t, _ in pending.values()], latest_us, batch)
+        self.matcher.match_batch(tracks, latest_us, batch)
         for kind in ("matched", "new", "merged"):
             if self.matcher.stats[kind] != before[kind]:
                 self.metrics.assignments.labels(kind).inc(self.matcher.stats[kind] - before[kind])

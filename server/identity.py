@@ -5,7 +5,7 @@ store off the hot path, and a quality-weighted mean of several crops is a steadi
 any single crop.
 
 Batches: the consumer resolves every detection of a batch to its track first (:meth:`track_for`),
-folds each track's crops of the batch into it (:meth:`add_crops`), then :meth:`match_batch` decides
+folds each track's crops of the batch into it (:meth:`fold_crops`), then :meth:`match_batch` decides
 the tracks in order of their first crop with ONE batched gallery search (a matrix product, not a
 query per track). Decisions inside a batch still see each other: a track also compares against the
 prototypes that earlier tracks of the same batch wrote (one small product of the batch's fused
@@ -20,7 +20,7 @@ afresh. So replaying a batch neither creates a second identity nor moves a track
 
 from __future__ import annotations
 
-import heapq
+import hashlib
 import logging
 import math
 import time
@@ -40,16 +40,25 @@ log = logging.getLogger(__name__)
 _NS = uuid.UUID("4f0d1c2e-8f5e-5a53-9a57-7265696466c7")  # fixed: ids must be the same in every process
 
 
+_NS_BYTES = _NS.bytes
+
+
+def _uuid5(name: str) -> str:
+    """``str(uuid.uuid5(_NS, name))`` without the UUID object (a new track costs two of these; the stdlib's
+    object and its ``__str__`` were three quarters of the time). tests/server/test_identity.py checks equality."""
+    b = bytearray(hashlib.sha1(_NS_BYTES + name.encode()).digest()[:16])
+    b[6] = (b[6] & 0x0F) | 0x50  # version 5
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122 variant
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 def track_uid_for(device_id: str, camera_id: str, track_id: int, first_seen_us: int) -> str:
-    return str(uuid.uuid5(_NS, f"track\x1f{device_id}\x1f{camera_id}\x1f{track_id}\x1f{first_seen_us}"))
+    return _uuid5(f"track\x1f{device_id}\x1f{camera_id}\x1f{track_id}\x1f{first_seen_us}")
 
 
 def identity_id_for(track_uid: str) -> str:
-    return str(uuid.uuid5(_NS, f"identity\x1f{track_uid}"))
-
-
-def _neg_score(pair: tuple[str, float]) -> float:
-    return -pair[1]
+    return _uuid5(f"identity\x1f{track_uid}")
 
 
 def _agreement(p_query: float, p_gallery: float, eps: float = 1e-3) -> float:
@@ -325,15 +334,36 @@ class IdentityMatcher:
     # --- crops ---------------------------------------------------------------------------
     def add_crops(self, t: TrackState, embeddings: np.ndarray, male_probabilities: np.ndarray | None,
                   qualities: np.ndarray) -> None:
-        """Fold a batch's crops of one track into its quality-weighted sums (no matching yet)."""
+        """Fold crops of one track into its quality-weighted sums (no matching yet)."""
+        self.fold_crops([t], np.zeros(len(qualities), np.int64), embeddings, male_probabilities, qualities)
+
+    def fold_crops(self, tracks: Sequence[TrackState], owner: np.ndarray, embeddings: np.ndarray,
+                   male_probabilities: np.ndarray | None, qualities: np.ndarray) -> None:
+        """Fold a batch's crops into their tracks' quality-weighted sums, crop ``j`` into ``tracks[owner[j]]``:
+        one sort and one segmented sum for the whole batch instead of a few numpy calls per track."""
+        if not len(owner):
+            return
         w = np.maximum(np.asarray(qualities, dtype=np.float32).reshape(-1), 0.05)
-        s = w @ np.asarray(embeddings, dtype=np.float32).reshape(len(w), -1)
-        t.emb_sum = s if t.emb_sum is None else t.emb_sum + s
-        t.weight += float(w.sum())
-        t.n_crops += len(w)
+        order = np.argsort(owner, kind="stable")
+        own = np.asarray(owner)[order]
+        starts = np.flatnonzero(np.r_[True, own[1:] != own[:-1]])
+        emb = np.asarray(embeddings, dtype=np.float32).reshape(len(w), -1)
+        sums = np.add.reduceat(emb[order] * w[order, None], starts, axis=0)
+        wsums = np.add.reduceat(w[order], starts).tolist()
+        counts = np.diff(np.r_[starts, len(own)]).tolist()
+        msums = None
         if male_probabilities is not None:
-            t.male_sum += float(w @ np.asarray(male_probabilities, dtype=np.float32).reshape(-1))
-            t.male_weight += float(w.sum())
+            m = np.asarray(male_probabilities, dtype=np.float32).reshape(-1)
+            msums = np.add.reduceat((w * m)[order], starts).tolist()
+        for k, ti in enumerate(own[starts].tolist()):
+            t = tracks[ti]
+            # a copy, not a view: a long-lived track must not keep its whole batch's array alive
+            t.emb_sum = sums[k].copy() if t.emb_sum is None else t.emb_sum + sums[k]
+            t.weight += wsums[k]
+            t.n_crops += counts[k]
+            if msums is not None:
+                t.male_sum += msums[k]
+                t.male_weight += wsums[k]
 
     def match_batch(self, tracks: list[TrackState], at_us: int, batch: BatchWrite) -> list[Assignment]:
         """Assign (or re-match) every track that got crops in this batch, in the given order, and refresh
@@ -384,17 +414,32 @@ class IdentityMatcher:
         wrote. Both are sorted best first, so this is a lazy merge: the caller usually stops at the first
         acceptable candidate, and building and sorting the whole list per track cost ~30 us a track."""
         gone_p, gone_i = self._gone_points, self._gone_identities
-        # (global_id, point_id, score): Neighbours or the plain tuples of a batch
-        outside = ((gid, score) for gid, pid, score in gallery
-                   if not (pid in written or pid in gone_p or gid in gone_i))
         seen: set[str] = set()
         limit = self.cfg.candidates
-        for gid, score in heapq.merge(self._inside.ranked(query), outside, key=_neg_score):
+        inside = self._inside.ranked(query)
+        nxt = next(inside, None)
+        for gid, pid, score in gallery:  # (global_id, point_id, score): Neighbours or the plain tuples of a batch
+            if pid in written or pid in gone_p or gid in gone_i:
+                continue
+            while nxt is not None and nxt[1] >= score:  # ties: the batch's own point first
+                if nxt[0] not in seen:
+                    seen.add(nxt[0])
+                    yield nxt
+                    if len(seen) >= limit:
+                        return
+                nxt = next(inside, None)
             if gid not in seen:
                 seen.add(gid)
                 yield gid, score
                 if len(seen) >= limit:
                     return
+        while nxt is not None:
+            if nxt[0] not in seen:
+                seen.add(nxt[0])
+                yield nxt
+                if len(seen) >= limit:
+                    return
+            nxt = next(inside, None)
 
     def _score_floor(self) -> float:
         """The lowest cosine that could still reach ``match_threshold``: lower candidates can never be

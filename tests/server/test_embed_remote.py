@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
+import time
 
 import numpy as np
 import pytest
@@ -65,9 +65,13 @@ def test_workers_split_a_batch_and_put_it_back_in_order(market: Market) -> None:
         np.testing.assert_allclose(remote.embed(crops), local.embed(crops), atol=1e-5)  # both still in step
 
         os.kill(pids[1], signal.SIGKILL)
-        # Found dead before the call: replaced and the call succeeds; dying during it: this batch fails.
-        with contextlib.suppress(EmbedderProcessDied):
-            remote.embed(crops)
+        worker = remote._workers[1]
+        assert worker is not None
+        for _ in range(200):  # the kill lands asynchronously
+            if not worker.alive():
+                break
+            time.sleep(0.05)
+        # Found dead before the call: replaced, and the call succeeds.
         np.testing.assert_allclose(remote.embed(crops), local.embed(crops), atol=1e-5)  # a fresh second worker
         assert remote.pids[0] == pids[0] and remote.pids[1] not in pids
     finally:

@@ -117,3 +117,46 @@ def test_lazy_candidate_merge_equals_the_eager_sorted_merge() -> None:
         want = _eager_merge(pts.best(0, limit), gallery, written | gone_p, gone_i, limit)
         assert [g for g, _ in got] == [g for g, _ in want], trial
         assert np.allclose([s for _, s in got], [s for _, s in want])
+
+
+def test_ids_are_the_standard_uuid5() -> None:
+    """Ids are stored and shared between processes and versions: the fast path must be exactly uuid5."""
+    import uuid
+
+    from server.identity import _NS, identity_id_for, track_uid_for
+
+    for dev, cam, tid, at in [("dev-1", "cam-0", 0, 0), ("ünï", "çam\x1f", -5, 1_700_000_000_123_456),
+                              ("d", "c", 2**40, 7)]:
+        uid = track_uid_for(dev, cam, tid, at)
+        assert uid == str(uuid.uuid5(_NS, f"track\x1f{dev}\x1f{cam}\x1f{tid}\x1f{at}"))
+        assert identity_id_for(uid) == str(uuid.uuid5(_NS, f"identity\x1f{uid}"))
+
+
+def test_folding_a_batch_at_once_equals_folding_track_by_track() -> None:
+    from server.identity import IdentityMatcher
+
+    rng = np.random.default_rng(3)
+    n, dim = 50, 16
+    owner = rng.integers(0, 7, n)
+    embs = rng.standard_normal((n, dim)).astype(np.float32)
+    males = rng.uniform(0, 1, n).astype(np.float32)
+    quals = rng.uniform(0, 1, n).astype(np.float32)
+    quals[:5] = 0.0  # weight floor
+    once = [_track(j, None) for j in range(7)]
+    each = [_track(j, None) for j in range(7)]
+    once[2].emb_sum, once[2].weight, each[2].emb_sum, each[2].weight = np.ones(dim, np.float32), 1.0, \
+        np.ones(dim, np.float32), 1.0  # a track resumed with a stored prototype
+    IdentityMatcher.fold_crops(None, once, owner, embs, males, quals)  # type: ignore[arg-type]
+    for k, t in enumerate(each):
+        rows = np.flatnonzero(owner == k)
+        w = np.maximum(quals[rows], 0.05)
+        s = w @ embs[rows]
+        t.emb_sum = s if t.emb_sum is None else t.emb_sum + s
+        t.weight += float(w.sum())
+        t.n_crops += len(rows)
+        t.male_sum += float(w @ males[rows])
+        t.male_weight += float(w.sum())
+    for a, b in zip(once, each, strict=True):
+        np.testing.assert_allclose(a.emb_sum, b.emb_sum, rtol=1e-5)
+        assert (a.n_crops, round(a.weight, 4), round(a.male_sum, 4)) == (b.n_crops, round(b.weight, 4),
+                                                                         round(b.male_sum, 4))
