@@ -567,9 +567,16 @@ class ReidConsumer:
             "frame_height": rec["frame_height"], "first_frame_at_us": at_us, "last_frame_at_us": at_us,
             "last_frame_index": fi})
         track_for = self.matcher.track_for
-        crop_tracks = [track_for(dev, cam, c.track_id, at_us, fi, batch) for c in crops]
-        boxes = [(d, track_for(dev, cam, d["track_id"], at_us, fi, batch) if d["track_id"] >= 0 else None)
-                 for d in rec["detections"] if d["class_id"] == 0]
+        # A crop's track is also one of the frame's boxes: resolved once per frame (the same answer twice).
+        mine = {c.track_id: track_for(dev, cam, c.track_id, at_us, fi, batch) for c in crops}
+        crop_tracks = [mine[c.track_id] for c in crops]
+        boxes = []
+        for d in rec["detections"]:
+            if d["class_id"] != 0:
+                continue
+            tid = d["track_id"]
+            t = mine.get(tid) if tid >= 0 else None
+            boxes.append((d, t if t is not None or tid < 0 else track_for(dev, cam, tid, at_us, fi, batch)))
         for tid in rec["ended_track_ids"]:
             self.matcher.end_track(dev, cam, tid, at_us, batch)
         return rec, crop_tracks, boxes

@@ -160,8 +160,8 @@ class _BatchPoints:
         self.n_decided = 0
         self.gone_identities = gone_identities if gone_identities is not None else set()
         self.stale = False  # identities changed under decided tracks (a merge): recompute before the next use
-        self._pairs: list[int] = []
-        self._scores: list[float] = []
+        self._pairs: Any = ()
+        self._scores: Any = ()
         self._bounds: list[int] = [0] * (len(query_tracks) + 1)
         if sims is not None and len(query_tracks):
             # Each query's ``keep`` best earlier tracks (a bank's worth per candidate, the most it can use).
@@ -175,7 +175,9 @@ class _BatchPoints:
             order = np.argsort(-sims, axis=1, kind="stable")
             top, sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(sims, order, axis=1)
             rows, cols = np.nonzero(sims >= floor)  # row-major: by query, best first within each
-            self._pairs, self._scores = top[rows, cols].tolist(), sims[rows, cols].tolist()
+            # Kept as arrays: a query reads one or two of its pairs (see ``ranked``), so turning every pair of
+            # the batch into Python objects up front cost more than the reads.
+            self._pairs, self._scores = top[rows, cols], sims[rows, cols]
             self._bounds = np.searchsorted(rows, np.arange(len(query_tracks) + 1)).tolist()
 
     def _gid(self, j: int) -> str | None:
@@ -214,7 +216,7 @@ class _BatchPoints:
         for k in range(self._bounds[query], self._bounds[query + 1]):
             gid = gid_of[pairs[k]]
             if gid is not None:
-                yield gid, scores[k]
+                yield gid, float(scores[k])
 
     def best(self, query: int, limit: int) -> dict[str, float]:
         """Up to ``limit`` identities with their best cosine (:meth:`ranked`, each identity once)."""

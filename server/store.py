@@ -61,8 +61,10 @@ tracks = sa.Table(
 sa.Index("ix_tracks_local", tracks.c.device_id, tracks.c.camera_id, tracks.c.track_id, tracks.c.first_seen_us)
 sa.Index("ix_tracks_global", tracks.c.global_id, tracks.c.first_seen_us)
 # The transition query's "identity's latest earlier track": newest last_seen first, no sort, no scan of all
-# of a busy identity's tracks.
-sa.Index("ix_tracks_global_last", tracks.c.global_id, tracks.c.last_seen_us)
+# of a busy identity's tracks. It carries first_seen_us and track_uid, the columns the query filters on, so
+# walking past the identity's newer tracks reads the index only, not a table row per track.
+sa.Index("ix_tracks_global_recent", tracks.c.global_id, tracks.c.last_seen_us, tracks.c.first_seen_us,
+         tracks.c.track_uid)
 sa.Index("ix_tracks_last_seen", tracks.c.last_seen_us)
 
 sightings = sa.Table(
@@ -181,6 +183,13 @@ class AnalyticsStore:
             sa.event.listen(self.engine, "connect", _sqlite_pragmas)
         if create:
             metadata.create_all(self.engine)
+            # create_all skips the indexes of tables that already exist: a store written by an older version
+            # gets the indexes added since, and loses the one replaced.
+            for table in metadata.sorted_tables:
+                for index in table.indexes:
+                    index.create(self.engine, checkfirst=True)
+            with self.engine.begin() as conn:
+                conn.execute(sa.text("DROP INDEX IF EXISTS ix_tracks_global_last"))
         log.info("analytics store ready", extra={"dialect": self.dialect})
 
     # --- dialect helpers -------------------------------------------------------------------
@@ -290,7 +299,7 @@ class AnalyticsStore:
         latest = (sa.select(p.c.track_uid)
                   # "+ 0" keeps the planner off (global_id, first_seen_us): that index reads every earlier
                   # track of the identity and sorts them (measured 80 us an assignment at ~200 tracks an
-                  # identity, growing with it), where (global_id, last_seen_us) stops at the first hit.
+                  # identity, growing with it), where ix_tracks_global_recent stops at the first hit.
                   .where(p.c.global_id == me.c.global_id, p.c.track_uid != me.c.track_uid,
                          p.c.first_seen_us + 0 <= me.c.first_seen_us)
                   .order_by(p.c.last_seen_us.desc()).limit(1).scalar_subquery())

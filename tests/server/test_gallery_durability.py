@@ -177,3 +177,24 @@ def test_transitions_are_written_set_based_and_dropped_on_merge(tmp_path: Path) 
         assert c.execute(sa.select(sa.func.count()).select_from(transitions)).scalar() == 0
         assert c.execute(sa.text("select merged_into from identities")).all() == []  # g had no identity row
     store.close()
+
+
+def test_a_store_from_an_older_version_gets_the_new_indexes(tmp_path: Path) -> None:
+    """create_all leaves existing tables' indexes alone: the store adds what is missing and drops the replaced
+    transitions index, so an upgraded server runs the transitions query on the covering index."""
+    url = f"sqlite:///{tmp_path / 'a.db'}"
+    AnalyticsStore(url).close()
+    eng = sa.create_engine(url)
+    with eng.begin() as c:  # as an older version left it
+        c.execute(sa.text("DROP INDEX ix_tracks_global_recent"))
+        c.execute(sa.text("CREATE INDEX ix_tracks_global_last ON tracks (global_id, last_seen_us)"))
+    store = AnalyticsStore(url)
+    names = {ix["name"] for ix in sa.inspect(store.engine).get_indexes("tracks")}
+    assert "ix_tracks_global_recent" in names and "ix_tracks_global_last" not in names
+    with store.engine.connect() as c:  # and the transitions lookup walks it
+        plan = " ".join(str(r[-1]) for r in c.execute(sa.text(
+            "EXPLAIN QUERY PLAN SELECT p.track_uid FROM tracks p WHERE p.global_id = 'g' AND p.track_uid != 'x' "
+            "AND p.first_seen_us + 0 <= 5 ORDER BY p.last_seen_us DESC LIMIT 1")))
+    assert "COVERING INDEX ix_tracks_global_recent" in plan, plan
+    store.close()
+    eng.dispose()

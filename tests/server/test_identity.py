@@ -106,7 +106,8 @@ def test_lazy_candidate_merge_equals_the_eager_sorted_merge() -> None:
             pts.decided(j)
         # The gallery before the batch: best point per identity, best first (what search_many returns).
         scores = sorted(rng.uniform(0.0, 1.0, 10).tolist(), reverse=True)
-        gallery = [(f"g{int(k)}", f"p{i}", s) for i, (k, s) in enumerate(zip(rng.permutation(12)[:10], scores))]
+        ids = rng.permutation(12)[:10]
+        gallery = [(f"g{int(k)}", f"p{i}", s) for i, (k, s) in enumerate(zip(ids, scores, strict=True))]
         written = {f"p{i}" for i in rng.choice(10, 2, replace=False)}
         gone_p = {f"p{int(rng.integers(0, 10))}"}
         gone_i = {f"g{int(rng.integers(0, 12))}"}
