@@ -164,6 +164,10 @@ class MemoryVectorStore:
         with _blas_threads(len(q)):
             for s in range(0, len(q), rows):
                 sims = q[s:s + rows] @ mat.T
+                sparse = self._above_floor(sims, k, limit, min_score)
+                if sparse is not None:
+                    out.extend(sparse)
+                    continue
                 if k < n:
                     top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
                     tsims = np.take_along_axis(sims, top, axis=1)
@@ -175,29 +179,52 @@ class MemoryVectorStore:
                 out.extend(self._best_rows_per_identity(top, tsims, limit, min_score))
         return out
 
-    def _best_rows_per_identity(self, top: np.ndarray, tsims: np.ndarray, limit: int,
-                                min_score: float) -> list[list[Hit]]:
-        """:func:`best_per_identity` for a whole chunk at once. ``top``/``tsims`` are each query's rows
-        sorted best first; the first occurrence of (query, identity) in row-major order is that identity's
-        best row, and a query's first ``limit`` of those are its answer."""
-        q, k = top.shape
-        ok = tsims >= min_score
-        codes = self._code[top]
-        keys = (np.arange(q, dtype=np.int64)[:, None] * (self._last_code + 1) + codes)[ok]
-        pos = np.flatnonzero(ok.ravel())
+    def _above_floor(self, sims: np.ndarray, k: int, limit: int, min_score: float) -> list[list[Hit]] | None:
+        """The chunk's answer from only the (query, row) pairs at or above ``min_score``, or None when too
+        many pass for that to pay. With the matcher's floor (the match threshold) a query passes a few dozen
+        of the gallery's rows, so sorting those pairs replaces a partial sort of every row of every query."""
+        if min_score <= -1.0:
+            return None
+        hit = sims >= min_score
+        n_pairs = int(np.count_nonzero(hit))
+        if n_pairs > k * len(sims):
+            return None
+        query, rows = np.nonzero(hit)
+        scores = sims[query, rows]
+        order = np.lexsort((-scores, query))  # by query, best first (stable: ties keep row order)
+        query, rows, scores = query[order], rows[order], scores[order]
+        starts = np.searchsorted(query, np.arange(len(sims)))
+        keep = np.arange(n_pairs) - starts[query] < k  # a query's k best rows, as the dense path takes
+        return self._best_hits(query[keep], rows[keep], scores[keep], len(sims), limit)
+
+    def _best_hits(self, query: np.ndarray, rows: np.ndarray, scores: np.ndarray, q: int, limit: int
+                   ) -> list[list[Hit]]:
+        """(query, row, score) triples sorted by query then best first → each query's ``limit`` best
+        identities, by their best row."""
+        keys = query * (self._last_code + 1) + self._code[rows]
         _, first = np.unique(keys, return_index=True)
-        pos = pos[np.sort(first)]  # best row of each (query, identity), in query order then score order
-        query = pos // k
+        pos = np.sort(first)  # best row of each (query, identity), in query order then score order
+        query, rows, scores = query[pos], rows[pos], scores[pos]
         starts = np.searchsorted(query, np.arange(q))
         rank = np.arange(len(pos)) - starts[query]
-        pos, query = pos[rank < limit], query[rank < limit]
-        flat_rows, flat_sims = top.ravel()[pos].tolist(), tsims.ravel()[pos].tolist()
+        top = rank < limit
+        query, flat_rows, flat_sims = query[top], rows[top].tolist(), scores[top].tolist()
         g, p = self._gids, self._point_ids
         # Plain (global_id, point_id, score) tuples: Neighbour's own constructor was ~10 % of a batch's host
         # time at 16 hits x 1000 queries. Callers unpack them (the Neighbour field order).
         hits: list[Hit] = list(zip([g[r] for r in flat_rows], [p[r] for r in flat_rows], flat_sims, strict=True))
         bounds = np.searchsorted(query, np.arange(q + 1)).tolist()
         return [hits[bounds[i]:bounds[i + 1]] for i in range(q)]
+
+    def _best_rows_per_identity(self, top: np.ndarray, tsims: np.ndarray, limit: int,
+                                min_score: float) -> list[list[Hit]]:
+        """:func:`best_per_identity` for a whole chunk at once. ``top``/``tsims`` are each query's rows
+        sorted best first; the first occurrence of (query, identity) in row-major order is that identity's
+        best row, and a query's first ``limit`` of those are its answer."""
+        q, k = top.shape
+        ok = (tsims >= min_score).ravel()
+        pos = np.flatnonzero(ok)
+        return self._best_hits(pos // k, top.ravel()[pos], tsims.ravel()[pos], q, limit)
 
     def _best_per_identity(self, rows: list[int], sims: list[float], limit: int) -> list[Neighbour]:
         return best_per_identity((Neighbour(self._gids[r], self._point_ids[r], sim)
