@@ -48,7 +48,11 @@ from server.vectors import Prototype, build_vectors
 
 log = logging.getLogger(__name__)
 
-_STAGES = ("parse", "decode", "embed", "gender", "wait_prepared", "match", "vectors_store", "produce")
+# Per batch: fetch (waiting in the Kafka client, idle time included), parse, then decode/embed/gender (the
+# prepare stage, a worker thread when overlapped), wait_prepared, match, handoff (the consumer thread waiting
+# for the previous commit and handing this batch over), vectors_store and produce (the commit).
+_STAGES = ("fetch", "parse", "decode", "embed", "gender", "wait_prepared", "match", "handoff", "vectors_store",
+           "produce")
 
 
 class Metrics:
@@ -299,6 +303,7 @@ class ReidConsumer:
         items: list[Item] = []
         n_crops = 0
         deadline: float | None = None
+        fetch_s = 0.0
         while not self.stop.is_set():
             self.last_loop_at = time.monotonic()
             want = 0
@@ -307,6 +312,7 @@ class ReidConsumer:
                 self._pending.clear()
             else:
                 want = min(500, b.max_messages - len(items))
+                t_fetch = time.perf_counter()
                 if deadline is None:
                     # consume() waits until ``want`` messages or the timeout: waiting for the FIRST message of a
                     # batch that way added up to 0.5 s to every quiet stream's latency. poll() returns with the
@@ -319,6 +325,7 @@ class ReidConsumer:
                     msgs = self.consumer.consume(num_messages=want, timeout=max(0.0, deadline - time.monotonic()))
                 now_s = time.time()  # one clock read per fetch, not per message
                 t0 = time.perf_counter()
+                fetch_s += t0 - t_fetch
                 parsed = [self._parse(m, now_s) for m in msgs if self._usable(m)]
                 if parsed:
                     self.metrics.stage.labels("parse").observe(time.perf_counter() - t0)
@@ -326,6 +333,7 @@ class ReidConsumer:
                 if items and (n_crops >= b.max_crops or len(items) >= b.max_messages):
                     # Batch full: keep the rest, in order, for the next batch (its offsets are not stored yet).
                     self._pending.extend(parsed[i:])
+                    self.metrics.stage.labels("fetch").observe(fetch_s)
                     return items
                 items.append(item)
                 if item.record is not None:
@@ -339,6 +347,8 @@ class ReidConsumer:
                 break
             if not items and not parsed:
                 break  # idle: let the caller refresh lag and check the stop event
+        if items:
+            self.metrics.stage.labels("fetch").observe(fetch_s)
         return items
 
     def _usable(self, m: Message) -> bool:
@@ -482,6 +492,7 @@ class ReidConsumer:
             self.await_commit()
             self._writer.submit(work.batch, work.outputs, self._dead_letters(work.dead))
             self._inflight = (items, work)
+            m.stage.labels("handoff").observe(time.perf_counter() - t4)
             return
         if self._committer is None:
             self._commit(work)
@@ -492,6 +503,7 @@ class ReidConsumer:
         # offsets are stored here only once their batch's commit has finished.
         self.await_commit()
         self._inflight = (items, self._committer.submit(self._commit, work))
+        m.stage.labels("handoff").observe(time.perf_counter() - t4)
 
     def _reap_commit(self) -> None:
         """Account for the batch being committed and store its offsets as soon as it is durable, instead of
