@@ -428,33 +428,30 @@ class IdentityMatcher:
         (minus points the batch rewrote or deleted) merged with the prototypes the batch's earlier tracks
         wrote. Both are sorted best first, so this is a lazy merge: the caller usually stops at the first
         acceptable candidate, and building and sorting the whole list per track cost ~30 us a track."""
-        gone_p, gone_i = self._gone_points, self._gone_identities
         seen: set[str] = set()
         limit = self.cfg.candidates
+        for gid, score in self._best_first(gallery, query, written):
+            if gid not in seen:
+                seen.add(gid)
+                yield gid, score
+                if len(seen) >= limit:
+                    return
+
+    def _best_first(self, gallery: list[Neighbour], query: int, written: set[str]) -> Iterator[tuple[str, float]]:
+        """The two sources of :meth:`_merge_candidates` merged, best first (an identity may repeat)."""
+        gone_p, gone_i = self._gone_points, self._gone_identities
         inside = self._inside.ranked(query)
         nxt = next(inside, None)
         for gid, pid, score in gallery:  # (global_id, point_id, score): Neighbours or the plain tuples of a batch
             if pid in written or pid in gone_p or gid in gone_i:
                 continue
             while nxt is not None and nxt[1] >= score:  # ties: the batch's own point first
-                if nxt[0] not in seen:
-                    seen.add(nxt[0])
-                    yield nxt
-                    if len(seen) >= limit:
-                        return
-                nxt = next(inside, None)
-            if gid not in seen:
-                seen.add(gid)
-                yield gid, score
-                if len(seen) >= limit:
-                    return
-        while nxt is not None:
-            if nxt[0] not in seen:
-                seen.add(nxt[0])
                 yield nxt
-                if len(seen) >= limit:
-                    return
-            nxt = next(inside, None)
+                nxt = next(inside, None)
+            yield gid, score
+        if nxt is not None:
+            yield nxt
+            yield from inside
 
     def _score_floor(self) -> float:
         """The lowest cosine that could still reach ``match_threshold``: lower candidates can never be
