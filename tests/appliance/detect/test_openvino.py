@@ -173,12 +173,16 @@ def test_rect_input_finds_the_same_people_as_the_square_ir(assets: Path) -> None
     detector = OpenVinoDetector(DetectorConfig(model_dir=assets / "models" / DEFAULT_MODEL_DIR))
     square = OpenVinoDetector(DetectorConfig(model_dir=assets / "models" / DEFAULT_MODEL_DIR, rect_input=False))
     images = [_pets_1080p(assets, i) for i in (0, 40, 80)] + [cv2.imread(str(p)) for p, _ in _coco_people(assets)[:6]]
+    # Boxes well above the 0.25 cut: one near it comes and goes with the INT8 kernels' rounding, which differs
+    # by CPU (AVX-512 VNNI here put two 0.27 boxes in the square run only); people, not rounding, are compared.
+    conf = 0.35
     matched = total = 0
     for img in images:
         a, b = detector.detect(img), square.detect(img)
-        total += max(len(a), len(b))
-        if len(a) and len(b):
-            matched += int((_iou(b.xyxy, a.xyxy).max(axis=1) >= 0.9).sum())
+        sure_a, sure_b = a.confidence >= conf, b.confidence >= conf
+        total += max(int(sure_a.sum()), int(sure_b.sum()))
+        if len(a) and sure_b.any():
+            matched += int((_iou(b.xyxy[sure_b], a.xyxy).max(axis=1) >= 0.9).sum())
     assert total >= 20 and matched / total >= 0.9, f"{matched}/{total} boxes agree at IoU 0.9"
     assert detector.compiled_input_hw[:2] == [(640, 640), (384, 640)] and square.compiled_input_hw == [(640, 640)]
 
