@@ -87,13 +87,24 @@ class OsnetTorchEmbedder:
         log.info("osnet embedder ready", extra={"model_id": self.model_id, "device": str(self.device),
                                                 "dtype": str(self.dtype)})
 
-    @torch.inference_mode()
     def _forward_rgb(self, rgb_nchw: torch.Tensor) -> np.ndarray:
         """uint8/float RGB 0–255 (N,3,256,128) → (N, dim) unit float32 rows on the host."""
+        return self._forward_on_device(rgb_nchw).cpu().numpy()
+
+    @torch.inference_mode()
+    def _forward_on_device(self, rgb_nchw: torch.Tensor) -> torch.Tensor:
+        """:meth:`_forward_rgb` without the copy to the host: the result is queued on the GPU, so the caller
+        can pack the next part of a batch on the CPU while this one runs."""
         x = (rgb_nchw.to(self.device).float() - self._mean) / self._std
         x = x.to(self.dtype).contiguous(memory_format=self.memory_format)
         feats = self._graphed(x) if self._graphs is not None else self.model(x)
-        return F.normalize(feats.float(), dim=1).cpu().numpy()
+        return F.normalize(feats.float(), dim=1)
+
+    def _gather(self, parts: list[tuple[slice, torch.Tensor]], n: int) -> np.ndarray:
+        out = np.empty((n, self.dim), dtype=np.float32)
+        for s, feats in parts:
+            out[s] = feats.cpu().numpy()
+        return out
 
     def _graphed(self, x: torch.Tensor) -> torch.Tensor:
         """Replay a CUDA graph captured for this batch's bucket (next multiple of 64): one launch per forward.
@@ -124,13 +135,15 @@ class OsnetTorchEmbedder:
         return static_out[:n].clone()
 
     def embed(self, crops_bgr: Sequence[np.ndarray]) -> np.ndarray:
+        if self.device.type == "cuda":
+            # Raw crops up in one copy per part, resized on the GPU (BGR→RGB on the way). Every part is queued
+            # before any result is read back, so part k+1 is packed on the CPU while part k runs on the GPU.
+            return self._gather([(s, self._forward_on_device(self._upload_resize(crops_bgr[s], s.start)))
+                                 for s in batches(len(crops_bgr), self.cfg.batch_size)], len(crops_bgr))
         out = np.empty((len(crops_bgr), self.dim), dtype=np.float32)
         for s in batches(len(crops_bgr), self.cfg.batch_size):
-            if self.device.type == "cuda":  # raw crops up in one copy, resized on the GPU (BGR→RGB on the way)
-                out[s] = self._forward_rgb(self._upload_resize(crops_bgr[s], s.start))
-            else:
-                stack = resize_stack(crops_bgr[s], HEIGHT, WIDTH)  # (n,H,W,3) BGR uint8
-                out[s] = self._forward_rgb(torch.from_numpy(stack).permute(0, 3, 1, 2).flip(1))
+            stack = resize_stack(crops_bgr[s], HEIGHT, WIDTH)  # (n,H,W,3) BGR uint8
+            out[s] = self._forward_rgb(torch.from_numpy(stack).permute(0, 3, 1, 2).flip(1))
         return out
 
     def _upload_resize(self, crops: Sequence[np.ndarray], first_index: int) -> torch.Tensor:
@@ -155,11 +168,9 @@ class OsnetTorchEmbedder:
         Measured on an H100 box (16 vCPUs), batch 1024 of 96×192 crops: nvJPEG path 11.4k crops/s end to
         end, OpenCV thread pool 5.8k (docs/server-models.md). Without CUDA or torchvision: the CPU path.
         """
-        if self.decodes_jpegs:
-            out = np.empty((len(jpegs), self.dim), dtype=np.float32)
-            for s in batches(len(jpegs), self.cfg.batch_size):
-                out[s] = self._forward_rgb(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start))
-            return out
+        if self.decodes_jpegs:  # queued part after part, read back at the end (see :meth:`embed`)
+            return self._gather([(s, self._forward_on_device(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start)))
+                                 for s in batches(len(jpegs), self.cfg.batch_size)], len(jpegs))
         if self._pool_exec is None:
             self._pool_exec = ThreadPoolExecutor(self.cfg.decode_threads or min(16, os.cpu_count() or 1),
                                                  thread_name_prefix="jpeg")
