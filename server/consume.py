@@ -386,13 +386,13 @@ class ReidConsumer:
         on a worker thread while the previous batch is finished."""
         if self.gpu_jpeg:
             try:
-                return self._prepare_gpu(items)
+                return _finite(self._prepare_gpu(items))
             except CropError as exc:  # a crop nvJPEG cannot take: the CPU path decodes or dead-letters it
                 log.warning("GPU JPEG decode failed, batch redone on the CPU path: %s", exc)
                 self.metrics.gpu_decode_fallbacks.inc()
                 for it in items:
                     it.crops = []
-        return self._prepare_cpu(items)
+        return _finite(self._prepare_cpu(items))
 
     def _prepare_cpu(self, items: Sequence[Item]) -> Prepared:
         m = self.metrics
@@ -666,6 +666,21 @@ class ReidConsumer:
                     self.metrics.lag.labels(str(tp.partition)).set(max(0, hi - tp.offset))
         except KafkaException as exc:
             log.debug("lag refresh failed: %s", exc)
+
+
+class NonFiniteEmbedding(CropError):
+    """The embedder returned NaN or infinite values: a fault of the model or device, never of the crops."""
+
+
+def _finite(prep: Prepared) -> Prepared:
+    """A vector with NaN or inf would match nothing and poison the gallery and its durable copy: refuse it.
+    On the GPU JPEG path this redoes the batch on the CPU decode path; on that path the batch fails and is
+    redelivered (nothing stored, offsets not committed)."""
+    if len(prep.embs) and not np.isfinite(prep.embs).all():
+        bad = np.flatnonzero(~np.isfinite(prep.embs).all(axis=1))
+        raise NonFiniteEmbedding(f"embedder returned non-finite vectors for {len(bad)} of {len(prep.embs)} crops "
+                                 f"(first: crop {int(bad[0])})")
+    return prep
 
 
 def _batch_wait_s(first: Message, max_wait_s: float) -> float:

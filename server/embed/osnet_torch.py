@@ -168,9 +168,13 @@ class OsnetTorchEmbedder:
         Measured on an H100 box (16 vCPUs), batch 1024 of 96×192 crops: nvJPEG path 11.4k crops/s end to
         end, OpenCV thread pool 5.8k (docs/server-models.md). Without CUDA or torchvision: the CPU path.
         """
-        if self.decodes_jpegs:  # queued part after part, read back at the end (see :meth:`embed`)
-            return self._gather([(s, self._forward_on_device(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start)))
-                                 for s in batches(len(jpegs), self.cfg.batch_size)], len(jpegs))
+        if self.decodes_jpegs:
+            # Part by part, each read back before the next is decoded: queued like :meth:`embed`, nvJPEG's batched
+            # decode of part k+1 overlapped part k and returned NaN vectors on the H200 (torchvision 0.26).
+            out = np.empty((len(jpegs), self.dim), dtype=np.float32)
+            for s in batches(len(jpegs), self.cfg.batch_size):
+                out[s] = self._forward_rgb(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start))
+            return out
         if self._pool_exec is None:
             self._pool_exec = ThreadPoolExecutor(self.cfg.decode_threads or min(16, os.cpu_count() or 1),
                                                  thread_name_prefix="jpeg")

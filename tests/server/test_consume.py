@@ -196,3 +196,38 @@ def test_jpeg_bytes_path_checks_headers_and_falls_back_to_cpu_for_corrupt_bodies
     outs = [OUT.decode(v) for v in read_all(kafka_bootstrap, topics["reid_output"], 2)]
     assert [o["frame_index"] for o in outs] == [0, 3]
     assert outs[0]["people"][0]["global_id"] == outs[1]["people"][0]["global_id"] is not None
+
+
+class NanOnGpuEmbedder(JpegBytesEmbedder):
+    """The GPU path returns NaN for one crop, as nvJPEG's decode racing the previous part's forward did on an
+    H200; the host-pixel path is sound."""
+
+    def embed_jpegs(self, jpegs: list[bytes]) -> object:
+        out = super().embed_jpegs(jpegs)
+        out[0, :] = float("nan")  # type: ignore[index]
+        return out
+
+
+def test_non_finite_vectors_from_the_gpu_path_are_refused_and_the_batch_redone(
+        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path) -> None:
+    import numpy as np
+
+    from server.embed.base import build_embedder
+
+    t0 = (time.time_ns() // 1000) - 60_000_000
+    crops = market.crops("0003", 0, 2)
+    frames = [edge_frame("dev-1", "cam-a", i, t0 + i * 100_000, [Box(1, (10, 10, 74, 138), crop_jpeg=crops[i])])
+              for i in range(2)]
+    produce(kafka_bootstrap, topics["reid_input"], [(b"dev-1", EDGE.encode(f)) for f in frames])
+    cfg = server_config(kafka_bootstrap, topics, tmp_path, gender={"mode": "off"},
+                        batch={"max_crops": 64, "max_wait_ms": 500})
+    embedder = NanOnGpuEmbedder(build_embedder(cfg.embedder, assets=cfg.assets))
+    consumer = ReidConsumer(cfg, embedder=embedder)
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    assert embedder.jpeg_batches >= 1 and consumer.metrics.gpu_decode_fallbacks._value.get() >= 1
+    assert consumer.metrics.messages.labels("dlq")._value.get() == 0  # the crops were fine: nothing dead-lettered
+    protos = list(consumer.vectors.scroll())
+    assert protos and all(np.isfinite(p.vector).all() for p in protos)
+    outs = [OUT.decode(v) for v in read_all(kafka_bootstrap, topics["reid_output"], 2)]
+    ids = [o["people"][0]["global_id"] for o in outs]
+    assert len(ids) == 2 and ids[0] == ids[1] is not None  # one track, one identity, every frame answered
