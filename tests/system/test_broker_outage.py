@@ -90,7 +90,10 @@ def run_outage(tmp_path: Path, outage_s: float) -> None:
         outputs.stop()
         got_in = frames_by_device(inputs.values)
         for d in devices:
-            assert got_in[d] == list(range(sent[d])), f"{d}: reid_input not complete/in order"  # type: ignore[arg-type]
+            # At least once: a frame in flight when the broker died (written, its ack lost) is spooled and
+            # replayed by a fresh producer, which idempotence cannot dedupe (seen once: frame 28 twice, right at
+            # the kill); the server's writes are idempotent. Every frame must be there, first occurrences in order.
+            assert first_occurrence(got_in[d]) == list(range(sent[d])), f"{d}: reid_input not complete/in order"  # type: ignore[arg-type]
         got_out = frames_by_device(outputs.values)
         for d in devices:
             assert first_occurrence(got_out[d]) == list(range(sent[d])), f"{d}: results missing or out of order"  # type: ignore[arg-type]
