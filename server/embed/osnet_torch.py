@@ -100,12 +100,6 @@ class OsnetTorchEmbedder:
         feats = self._graphed(x) if self._graphs is not None else self.model(x)
         return F.normalize(feats.float(), dim=1)
 
-    def _gather(self, parts: list[tuple[slice, torch.Tensor]], n: int) -> np.ndarray:
-        out = np.empty((n, self.dim), dtype=np.float32)
-        for s, feats in parts:
-            out[s] = feats.cpu().numpy()
-        return out
-
     def _graphed(self, x: torch.Tensor) -> torch.Tensor:
         """Replay a CUDA graph captured for this batch's bucket (next multiple of 64): one launch per forward.
 
@@ -135,12 +129,15 @@ class OsnetTorchEmbedder:
         return static_out[:n].clone()
 
     def embed(self, crops_bgr: Sequence[np.ndarray]) -> np.ndarray:
+        out = np.empty((len(crops_bgr), self.dim), dtype=np.float32)
         if self.device.type == "cuda":
             # Raw crops up in one copy per part, resized on the GPU (BGR→RGB on the way). Every part is queued
             # before any result is read back, so part k+1 is packed on the CPU while part k runs on the GPU.
-            return self._gather([(s, self._forward_on_device(self._upload_resize(crops_bgr[s], s.start)))
-                                 for s in batches(len(crops_bgr), self.cfg.batch_size)], len(crops_bgr))
-        out = np.empty((len(crops_bgr), self.dim), dtype=np.float32)
+            queued = [(s, self._forward_on_device(self._upload_resize(crops_bgr[s], s.start)))
+                      for s in batches(len(crops_bgr), self.cfg.batch_size)]
+            for s, feats in queued:
+                out[s] = feats.cpu().numpy()
+            return out
         for s in batches(len(crops_bgr), self.cfg.batch_size):
             stack = resize_stack(crops_bgr[s], HEIGHT, WIDTH)  # (n,H,W,3) BGR uint8
             out[s] = self._forward_rgb(torch.from_numpy(stack).permute(0, 3, 1, 2).flip(1))
