@@ -108,11 +108,22 @@ class BrokerPaths:
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """Replace ``path`` atomically with a 0600 file owned like its directory.
+
+    The owner matters when root edits a live broker's files: mosquitto re-reads them as the
+    ``mosquitto`` user on SIGHUP, and a root-owned 0600 password file would be unreadable there,
+    which mosquitto 2.0 treats as "no users" and locks every device and the manager out until
+    the next good reload. ``fleet device add`` signals the broker itself, so the file must be
+    right at the moment it appears, not chowned afterwards.
+    """
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+        if os.geteuid() == 0:
+            owner = path.parent.stat()
+            os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
     tmp.replace(path)
 
 

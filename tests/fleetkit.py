@@ -119,8 +119,7 @@ class FleetKit:
 
     # devices
     def add_device(self, device_id: str, group: str = "default") -> DeviceBundle:
-        bundle, _ = add_device(self.home, device_id, group=group)
-        self.broker.reload()
+        bundle, _ = add_device(self.home, device_id, group=group)  # SIGHUPs the broker, as in production
         return bundle
 
     def model(self, version: str, **kw: Any) -> Path:

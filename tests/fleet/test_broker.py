@@ -129,6 +129,29 @@ def test_no_anonymous_no_wrong_password_no_plaintext(fleet: FleetKit) -> None:
     assert out.returncode != 0
 
 
+def test_adding_devices_to_a_live_broker_keeps_everyone_logged_in(fleet: FleetKit) -> None:
+    """``fleet device add`` signals the running broker itself; its reload must see readable files.
+
+    As root, a password file written root-owned 0600 was unreadable to the ``mosquitto`` user on
+    reload, which dropped the connected manager and refused every login afterwards.
+    """
+    mgr = Client(fleet, MANAGER_USERNAME, fleet.home.broker.manager_password.read_text().strip())
+    try:
+        assert mgr.connected()
+        bundles = [fleet.add_device(f"cam-{i}") for i in range(3)]  # three reloads while the manager is on
+        time.sleep(0.5)
+        for b in bundles:
+            dev = Client(fleet, b.mqtt.username, b.mqtt.password)
+            try:
+                assert dev.connected(), f"{b.device_id} refused after the reload"
+            finally:
+                dev.close()
+        assert mgr.connack.empty()  # the manager was never dropped (paho would reconnect and report again)
+        assert not mgr.subscribe("reidfleet/#").is_failure  # type: ignore[attr-defined]
+    finally:
+        mgr.close()
+
+
 def test_revoked_device_cannot_log_in(fleet: FleetKit) -> None:
     from fleet.provision import remove_device
 
