@@ -10,17 +10,23 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from types import FrameType
 
 log = logging.getLogger(__name__)
 
 
 class StopSignal:
-    """Wraps a ``threading.Event``; installs handlers only in the main thread."""
+    """Wraps a ``threading.Event``; installs handlers only in the main thread.
 
-    def __init__(self, install_handlers: bool = True) -> None:
+    The first SIGTERM/SIGINT asks for a clean stop; a second one exits at once, after ``on_force`` (a
+    process that started children uses it to kill them, or they would outlive it and keep its ports).
+    """
+
+    def __init__(self, install_handlers: bool = True, on_force: Callable[[], None] | None = None) -> None:
         self.event = threading.Event()
         self.reason = ""
+        self.on_force = on_force
         if install_handlers and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._handle)
             signal.signal(signal.SIGINT, self._handle)
@@ -29,6 +35,11 @@ class StopSignal:
         name = signal.Signals(signum).name
         if self.event.is_set():
             log.warning("second %s: exiting now", name)
+            if self.on_force is not None:
+                try:
+                    self.on_force()
+                except Exception:  # exiting regardless; say why the cleanup failed
+                    log.exception("cleanup before exiting failed")
             os._exit(128 + signum)
         log.info("%s received: stopping", name)
         self.set(name)

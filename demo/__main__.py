@@ -23,7 +23,7 @@ from common.assets import REPO_ROOT, data_path, require
 from common.logs import setup_logging
 from common.service import StopSignal
 from common.tansu import free_port
-from demo.supervisor import ServiceSpec, Supervisor, tail
+from demo.supervisor import Interrupted, ServiceSpec, Supervisor, tail
 
 log = logging.getLogger("demo")
 
@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     if state.exists() and not a.keep:
         shutil.rmtree(state)
     state.mkdir(parents=True, exist_ok=True)
-    sup = Supervisor(state / "logs")
+    sup = Supervisor(state / "logs", stopping=stop.is_set)
+    stop.on_force = sup.kill_all  # a second Ctrl-C during the stop: no child outlives the demo
     kafka_port, mqtt_port = free_port(), free_port()
     bootstrap = f"127.0.0.1:{kafka_port}"
     fleet_home = state / "fleet"
@@ -170,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             if a.duration and time.monotonic() - started > a.duration:
                 break
+        return 0
+    except Interrupted:
         return 0
     except (RuntimeError, TimeoutError, FileNotFoundError) as exc:
         print(f"demo failed: {exc}", file=sys.stderr)

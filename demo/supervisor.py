@@ -2,11 +2,15 @@
 
 The demo uses it so one command brings the whole system up and Ctrl-C takes it down cleanly:
 each child gets SIGTERM (then SIGKILL after a grace period), in the reverse order of start, so
-producers flush before the broker goes away.
+producers flush before the broker goes away. A Ctrl-C while a service is still starting ends the wait
+at once, and a second Ctrl-C during the stop kills every child (:meth:`Supervisor.kill_all`) instead of
+leaving them running: each child leads its own process group, so the terminal's signal never reaches
+them by itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -45,11 +49,16 @@ def http_ok(url: str, timeout: float = 1.0) -> bool:
         return False
 
 
+class Interrupted(RuntimeError):
+    """A stop was asked for while a service was starting."""
+
+
 class Supervisor:
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, stopping: Callable[[], bool] = lambda: False) -> None:
         self.log_dir = log_dir
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.running: list[Running] = []
+        self._stopping = stopping
 
     def start(self, spec: ServiceSpec) -> Running:
         log_path = self.log_dir / f"{spec.name}.log"
@@ -61,6 +70,8 @@ class Supervisor:
         self.running.append(run)
         deadline = time.monotonic() + spec.ready_timeout_s
         while time.monotonic() < deadline:
+            if self._stopping():
+                raise Interrupted(f"stopped while {spec.name} was starting")
             if proc.poll() is not None:
                 raise RuntimeError(f"{spec.name} exited with {proc.returncode}; last log lines:\n{tail(log_path)}")
             if (spec.health_url is None and spec.ready is None) or (
@@ -86,6 +97,13 @@ class Supervisor:
                     os.killpg(run.proc.pid, signal.SIGKILL)
                     run.proc.wait(5)
         self.running.clear()
+
+    def kill_all(self) -> None:
+        """SIGKILL every child's process group now (safe inside a signal handler: no waiting, no poll, which
+        could contend for a ``wait`` the interrupted main thread holds; a group already gone is skipped)."""
+        for run in reversed(self.running):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(run.proc.pid, signal.SIGKILL)
 
 
 def tail(path: Path, n: int = 15) -> str:
