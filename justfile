@@ -105,9 +105,9 @@ server *ARGS:
 bench-server assets=assets *ARGS:
     python -m server.bench {{assets}} {{ARGS}}
 
-# server: cross-camera id accuracy (pairwise precision/recall) of appliance output (detector+tracker+best shot) on two MOT15 frame ranges through the whole server; threshold 0.45 chosen on TUD-Campus (--sweep) → results/eval-xcam.{json,png}
+# server: cross-camera id accuracy (pairwise precision/recall) of appliance output (detector+tracker+best shot) on two MOT15 frame ranges through the whole server, at the embedder's shipped threshold (server/embed/calibration.py; --threshold/--sweep to vary) → results/eval-xcam.{json,png}
 eval-xcam seq_a="PETS09-S2L1:1-150" seq_b="PETS09-S2L1:151-300" assets=assets *ARGS:
-    python -m benchmarks.eval_xcam {{seq_a}} {{seq_b}} --assets {{assets}} --threshold 0.45 {{ARGS}}
+    python -m benchmarks.eval_xcam {{seq_a}} {{seq_b}} --assets {{assets}} {{ARGS}}
 
 # fill the server's stores for the dashboard: `pipeline` (appliances on the shared videos -> server) or `synthetic`
 dashboard-seed mode="pipeline" *ARGS:

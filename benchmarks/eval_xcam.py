@@ -18,10 +18,11 @@ recall = correct same-id pairs / pairs that are one person. Ours is beside the p
 nearest-neighbour matching above the threshold (what the reference thesis does with Qdrant): the same
 server with co-visibility exclusion, re-matching and gender turned off.
 
-Threshold procedure (no tuning on the reported split): ``--sweep 0.4,0.45,...`` scores each
-``identity.match_threshold`` on the given sequences and names the best pairwise F1. The shipped threshold
-is chosen by sweeping on TUD-Campus halves (``just eval-xcam TUD-Campus:1-35 TUD-Campus:36-71 --sweep ...``)
-and then reported on PETS09-S2L1 with ``--threshold``; docs/server.md records both runs.
+Threshold (no tuning on the reported split): ours runs at the embedder's shipped threshold, measured on
+Market-1501 pairs (server/embed/calibration.py), unless ``--threshold`` gives one. ``--sweep 0.4,0.45,...``
+scores each ``identity.match_threshold`` on the given sequences and names the best pairwise F1 (ties go to
+the shipped one): a cross-check on TUD-Campus halves (``just eval-xcam TUD-Campus:1-35 TUD-Campus:36-71
+--sweep ...``); docs/server.md records both runs.
 
 Writes results/eval-xcam.json and .png; last line ``RESULT eval-xcam xcam_precision=.. xcam_recall=..``.
 """
@@ -200,7 +201,8 @@ def pairwise(tracks: list[tuple[str, int, str]]) -> dict[str, float]:
 
 
 def run_server(bootstrap: str, topic: str, n_frames: int, cfg_over: dict[str, Any], tmp: Path,
-               group: str) -> list[tuple[str, int, str]]:
+               group: str) -> tuple[list[tuple[str, int, str]], float]:
+    """(camera, local track id, global id) of every stored track, and the match threshold the server used."""
     from server.config import ServerConfig
     from server.consume import ReidConsumer
 
@@ -209,6 +211,7 @@ def run_server(bootstrap: str, topic: str, n_frames: int, cfg_over: dict[str, An
             "vectors": {"type": "memory"},  # exact in-memory gallery over the SQL copy: same matches, no mirror
             "store": {"url": f"sqlite:///{tmp / group / 'analytics.db'}"}, **cfg_over}
     consumer = ReidConsumer(ServerConfig.model_validate(data))
+    threshold = consumer.matcher.threshold
     th = threading.Thread(target=consumer.run, daemon=True)
     th.start()
     ok, dlq = consumer.metrics.messages.labels("ok"), consumer.metrics.messages.labels("dlq")
@@ -223,7 +226,7 @@ def run_server(bootstrap: str, topic: str, n_frames: int, cfg_over: dict[str, An
     with eng.connect() as c:
         rows = c.execute(sa.text("select camera_id, track_id, global_id from tracks")).all()
     eng.dispose()
-    return [(r[0], int(r[1]), r[2] or f"none-{r[0]}-{r[1]}-{i}") for i, r in enumerate(rows)]
+    return [(r[0], int(r[1]), r[2] or f"none-{r[0]}-{r[1]}-{i}") for i, r in enumerate(rows)], threshold
 
 
 def chart(res: dict[str, Any], path: Path) -> None:
@@ -310,7 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         assert p.flush(60) == 0
         for i, (name, over) in enumerate(variants.items()):
             cfg = {"embedder": {"type": a.embedder}, "assets": a.assets, **over}
-            tracks = run_server(broker.bootstrap, "xcam", len(frames), cfg, Path(tmp), f"v{i}")
+            tracks, threshold = run_server(broker.bootstrap, "xcam", len(frames), cfg, Path(tmp), f"v{i}")
+            if i == 0:
+                res["threshold"] = threshold  # the one ours ran at: given, or the embedder's shipped one
             scored = [(cam, gt_of[(cam, tid)], gid) for cam, tid, gid in tracks if (cam, tid) in gt_of]
             r = pairwise(scored)
             r["identities"] = len({g for _, _, g in scored})
@@ -326,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     res["people"] = len(set(gt_of.values()))
     sweep = {k: v for k, v in res["variants"].items() if k.startswith("sweep ")}
     if sweep:
-        best = max(sweep, key=lambda k: (sweep[k]["f1"], -abs(float(k.split()[1]) - 0.55)))
+        best = max(sweep, key=lambda k: (sweep[k]["f1"], -abs(float(k.split()[1]) - res["threshold"])))
         res["sweep_best_threshold"] = float(best.split()[1])
         print(f"  best threshold by pairwise F1 on this split: {res['sweep_best_threshold']:.2f}", flush=True)
     out = Path(a.out)

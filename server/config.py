@@ -102,8 +102,10 @@ class GenderSettings(StrictModel):
 class IdentitySettings(StrictModel):
     """Per-track matching against the gallery of global identities."""
 
-    match_threshold: float = Field(0.55, ge=-1.0, le=1.0, description="Cosine (plus gender term) at or above "
-                                   "which a track joins an existing identity; below it a new identity is made.")
+    match_threshold: float | None = Field(None, ge=-1.0, le=1.0, description="Cosine (plus gender term) at or "
+                                          "above which a track joins an existing identity; below it a new identity "
+                                          "is made. None = the value measured for the configured embedder "
+                                          "(server/embed/calibration.py): cosine scales differ by model.")
     prototypes_per_identity: int = Field(8, ge=1, le=256, description="Bank size: one fused vector per track, "
                                          "the oldest evicted first.")
     candidates: int = Field(16, ge=1, le=1_000, description="Gallery neighbours examined per query.")

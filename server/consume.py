@@ -34,13 +34,14 @@ from confluent_kafka import (
 )
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from common.configfile import ConfigError
 from common.kafka import consumer_config
 from common.service import StopSignal, allowed_cpus
 from schemas.codec import AvroCodec, CodecError
 from server import results
 from server.config import ServerConfig
 from server.embed.preprocess import CropError
-from server.identity import IdentityMatcher, TrackState
+from server.identity import IdentityMatcher, TrackState, settings_for_model
 from server.sink import DeliveryFailed, Record, Result, ResultSink
 from server.store import AnalyticsStore, BatchWrite, prototype_row
 from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops, undecoded_crops
@@ -139,6 +140,11 @@ class ReidConsumer:
 
             embedder = RemoteEmbedder(cfg.embedder, assets=cfg.assets, workers=cfg.batch.embed_workers)
         self.embedder = embedder or build_embedder(cfg.embedder, assets=cfg.assets)
+        try:  # before anything else is opened: an uncalibrated model without a threshold is a config error
+            self.identity = settings_for_model(cfg.identity, self.embedder.model_id)
+        except ConfigError:
+            getattr(self.embedder, "close", lambda: None)()
+            raise
         self.gender = gender if gender is not None or cfg.gender.mode == "off" else \
             build_gender(cfg.gender.model, assets=cfg.assets)
         self.store = AnalyticsStore(cfg.store.url)
@@ -147,7 +153,7 @@ class ReidConsumer:
                                      source=(Prototype(pid, gid, vec, payload) for pid, gid, vec, payload, _rev
                                              in self.store.load_prototypes(self.embedder.model_id)))
         self._import_legacy_prototypes()
-        self.matcher = IdentityMatcher(cfg.identity, cfg.gender, self.vectors, self.store, self.embedder.model_id)
+        self.matcher = IdentityMatcher(self.identity, cfg.gender, self.vectors, self.store, self.embedder.model_id)
         self.bucket_us = cfg.store.sighting_bucket_s * 1_000_000
         self.instance = f"{cfg.kafka.group_id}/{socket.gethostname()}/{os.getpid()}"
         k = cfg.kafka

@@ -7,7 +7,8 @@ identity (mean probability over all of that identity's images), and used three w
 off, a hard filter (drop candidates whose predicted gender differs from the query's) and a soft
 score (cosine + w · log-odds that both have the same gender). w is chosen by 2-fold cross-validation
 over query identities (chosen on one half, scored on the other), so the reported soft figure is not
-tuned on the queries it is scored on.
+tuned on the queries it is scored on. Each model's identity match threshold is re-measured (pairwise F1
+over cross-camera pairs, server/embed/calibration.py) and printed beside the one the server ships.
 
 Writes results/eval-reid.json and results/eval-reid.png, last line ``RESULT eval-reid key=value ...``.
 """
@@ -28,6 +29,7 @@ import numpy as np
 from common.assets import data_path, require
 from server.attributes import build_gender, gender_agreement
 from server.embed.base import build_embedder
+from server.embed.calibration import calibrated_threshold, pair_f1_threshold
 
 MODELS: list[dict[str, Any]] = [
     {"type": "osnet_torch", "weights": "msmt17", "device": "cpu"},  # default model: first
@@ -174,11 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         r1, m_ap = evaluate_scores(fq @ fg.T, q, g)
         label = f"{emb.model_id} ({cfg['type']})"
         feats[label] = (fq, fg)
+        # The identity match threshold this model ships with, re-measured (server/embed/calibration.py).
+        pids, cams = np.concatenate([q.pids, g.pids]), np.concatenate([q.cams, g.cams])
+        people = pids > 0  # Market's 0 / -1 are distractors and junk, not one person
+        th, f1 = pair_f1_threshold(np.concatenate([fq, fg])[people], pids[people], cams[people])
+        shipped = calibrated_threshold(emb.model_id)
+        calibration = {"measured_threshold": th, "pair_f1": round(f1, 2), "shipped_threshold": shipped,
+                       "matches_shipped": shipped is not None and abs(th - shipped) <= 0.015}
         models.append({"label": label, "config": cfg, "model_id": emb.model_id, "dim": emb.dim,
                        "rank1": round(100 * r1, 2), "map": round(100 * m_ap, 2),
-                       "cpu_ms_per_crop_2cores": round(ms_per_crop, 3), "video": video_scores})
+                       "cpu_ms_per_crop_2cores": round(ms_per_crop, 3), "video": video_scores,
+                       "calibration": calibration})
         vtxt = "  ".join(f"{k} {v['rank1']:.1f}/{v['map']:.1f}" for k, v in video_scores.items())
-        print(f"{label:55s} rank1 {100 * r1:5.1f}  mAP {100 * m_ap:5.1f}  {ms_per_crop:.2f} ms/crop  video {vtxt}",
+        print(f"{label:55s} rank1 {100 * r1:5.1f}  mAP {100 * m_ap:5.1f}  {ms_per_crop:.2f} ms/crop  video {vtxt}  "
+              f"threshold {th:.2f} (pair F1 {f1:.1f} %, shipped {shipped})"
+              + ("" if calibration["matches_shipped"] else "  <- differs from server/embed/calibration.py"),
               flush=True)
 
     # Gender: both variants measured; the configured default is the one reported under the headline keys.

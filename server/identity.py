@@ -31,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from common.configfile import ConfigError
 from server.config import GenderSettings, IdentitySettings
+from server.embed.calibration import calibrated_threshold
 from server.store import AnalyticsStore, BatchWrite, pick_track, prototype_row
 from server.vectors.base import Neighbour, Prototype, VectorStore
 
@@ -229,12 +231,28 @@ class _BatchPoints:
         return out
 
 
+def settings_for_model(cfg: IdentitySettings, embedder_id: str) -> IdentitySettings:
+    """``cfg`` with ``match_threshold`` filled in from the embedder's calibration when it is not set; a model
+    that was never calibrated needs an explicit threshold (a guessed one silently merges or splits people)."""
+    if cfg.match_threshold is not None:
+        return cfg
+    threshold = calibrated_threshold(embedder_id)
+    if threshold is None:
+        raise ConfigError("server config", [
+            f"identity.match_threshold: no calibrated threshold for embedder model {embedder_id!r}; set one "
+            "(docs/server.md, 'Match threshold', says how to measure it)"])
+    return cfg.model_copy(update={"match_threshold": threshold})
+
+
 class IdentityMatcher:
     """Owns track and identity state of one consumer process; writes go into the caller's BatchWrite."""
 
     def __init__(self, cfg: IdentitySettings, gender: GenderSettings, vectors: VectorStore,
                  store: AnalyticsStore, embedder_id: str) -> None:
+        cfg = settings_for_model(cfg, embedder_id)
+        assert cfg.match_threshold is not None
         self.cfg = cfg
+        self.threshold: float = cfg.match_threshold
         self.gender = gender
         self.vectors = vectors
         self.store = store
@@ -458,7 +476,7 @@ class IdentityMatcher:
         chosen, so searches leave them out (the soft gender term can add at most ``soft_weight`` times
         the largest log-odds agreement)."""
         bonus = self.gender.soft_weight * _agreement(1.0, 1.0) if self.gender.mode == "soft" else 0.0
-        return self.cfg.match_threshold - bonus
+        return self.threshold - bonus
 
     def _assign(self, t: TrackState, own: Prototype | None, candidates: Callable[[], Iterable[tuple[str, float]]],
                 at_us: int, batch: BatchWrite) -> Assignment:
@@ -468,7 +486,7 @@ class IdentityMatcher:
             self.stats["resumed"] += 1
         else:
             best = self._best_candidate(t, candidates(), exclude=None)
-            if best is not None and best[1] >= self.cfg.match_threshold:
+            if best is not None and best[1] >= self.threshold:
                 gid, sim, new = best[0], best[1], False
                 self.stats["matched"] += 1
             else:
@@ -482,7 +500,7 @@ class IdentityMatcher:
         """A track alone in the identity it founded: does its better view now match someone known?"""
         assert t.global_id is not None
         best = self._best_candidate(t, candidates(), exclude=t.global_id)
-        if best is None or best[1] < self.cfg.match_threshold:
+        if best is None or best[1] < self.threshold:
             return Assignment(t.global_id, t.similarity or 0.0, True)
         old = t.global_id
         old_ident = self.identities.pop(old, None)
