@@ -34,7 +34,6 @@ import numpy as np
 from common.configfile import ConfigError
 from server.config import GenderSettings, IdentitySettings
 from server.embed.calibration import calibrated_threshold
-from server.rowsplit import map_row_chunks
 from server.store import AnalyticsStore, BatchWrite, pick_track, prototype_row
 from server.vectors.base import Neighbour, Prototype, VectorStore
 
@@ -167,28 +166,20 @@ class _BatchPoints:
         self._scores: Any = ()
         self._bounds: list[int] = [0] * (len(query_tracks) + 1)
         if sims is not None and len(query_tracks):
-            qt = np.asarray(query_tracks)
-
-            def rank(a: int, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-                """Query rows [a, b): each query's ``keep`` best earlier tracks (a bank's worth per candidate,
-                the most it can use) at or above the floor, best first (rows on their own threads:
-                server/rowsplit.py)."""
-                earlier = np.arange(sims.shape[1])[None, :] < qt[a:b, None]
-                part = np.where(earlier, sims[a:b], -np.inf)
-                if keep < part.shape[1]:
-                    top = np.argpartition(-part, keep - 1, axis=1)[:, :keep]
-                    part = np.take_along_axis(part, top, axis=1)
-                else:
-                    top = np.broadcast_to(np.arange(part.shape[1]), part.shape)
-                order = np.argsort(-part, axis=1, kind="stable")
-                top, part = np.take_along_axis(top, order, axis=1), np.take_along_axis(part, order, axis=1)
-                rows, cols = np.nonzero(part >= floor)  # row-major: by query, best first within each
-                return rows + a, top[rows, cols], part[rows, cols]
-
-            rows, self._pairs, self._scores = (np.concatenate(c) for c in
-                                               zip(*map_row_chunks(rank, len(qt)), strict=True))
+            # Each query's ``keep`` best earlier tracks (a bank's worth per candidate, the most it can use).
+            earlier = np.arange(sims.shape[1])[None, :] < np.asarray(query_tracks)[:, None]
+            sims = np.where(earlier, sims, -np.inf)
+            if keep < sims.shape[1]:
+                top = np.argpartition(-sims, keep - 1, axis=1)[:, :keep]
+                sims = np.take_along_axis(sims, top, axis=1)
+            else:
+                top = np.broadcast_to(np.arange(sims.shape[1]), sims.shape)
+            order = np.argsort(-sims, axis=1, kind="stable")
+            top, sims = np.take_along_axis(top, order, axis=1), np.take_along_axis(sims, order, axis=1)
+            rows, cols = np.nonzero(sims >= floor)  # row-major: by query, best first within each
             # Kept as arrays: a query reads one or two of its pairs (see ``ranked``), so turning every pair of
             # the batch into Python objects up front cost more than the reads.
+            self._pairs, self._scores = top[rows, cols], sims[rows, cols]
             self._bounds = np.searchsorted(rows, np.arange(len(query_tracks) + 1)).tolist()
 
     def _gid(self, j: int) -> str | None:

@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 
-from server.rowsplit import map_row_chunks
 from server.vectors.base import Hit, Neighbour, Prototype, VectorStore, best_per_identity
 
 log = logging.getLogger(__name__)
@@ -169,23 +168,15 @@ class MemoryVectorStore:
                 if sparse is not None:
                     out.extend(sparse)
                     continue
-
-                def rank(a: int, b: int, sims: np.ndarray = sims) -> tuple[np.ndarray, ...]:
-                    """Rows [a, b): each query's k best rows sorted best first, then its best row per identity."""
-                    part = sims[a:b]
-                    if k < n:
-                        top = np.argpartition(-part, k - 1, axis=1)[:, :k]
-                        tsims = np.take_along_axis(part, top, axis=1)
-                    else:
-                        top, tsims = np.broadcast_to(np.arange(n), part.shape), part
-                    order = np.argsort(-tsims, axis=1, kind="stable")
-                    top = np.take_along_axis(top, order, axis=1)
-                    tsims = np.take_along_axis(tsims, order, axis=1)
-                    pos = np.flatnonzero((tsims >= min_score).ravel())
-                    return self._best_hit_arrays(pos // k + a, top.ravel()[pos], tsims.ravel()[pos], limit)
-
-                parts = map_row_chunks(rank, len(sims))
-                out.extend(self._assemble(*(np.concatenate(c) for c in zip(*parts, strict=True)), len(sims)))
+                if k < n:
+                    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+                    tsims = np.take_along_axis(sims, top, axis=1)
+                else:
+                    top, tsims = np.broadcast_to(np.arange(n), sims.shape), sims
+                order = np.argsort(-tsims, axis=1, kind="stable")
+                top = np.take_along_axis(top, order, axis=1)
+                tsims = np.take_along_axis(tsims, order, axis=1)
+                out.extend(self._best_rows_per_identity(top, tsims, limit, min_score))
         return out
 
     def _above_floor(self, sims: np.ndarray, k: int, limit: int, min_score: float) -> list[list[Hit]] | None:
@@ -204,28 +195,36 @@ class MemoryVectorStore:
         query, rows, scores = query[order], rows[order], scores[order]
         starts = np.searchsorted(query, np.arange(len(sims)))
         keep = np.arange(n_pairs) - starts[query] < k  # a query's k best rows, as the dense path takes
-        return self._assemble(*self._best_hit_arrays(query[keep], rows[keep], scores[keep], limit), len(sims))
+        return self._best_hits(query[keep], rows[keep], scores[keep], len(sims), limit)
 
-    def _best_hit_arrays(self, query: np.ndarray, rows: np.ndarray, scores: np.ndarray, limit: int
-                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _best_hits(self, query: np.ndarray, rows: np.ndarray, scores: np.ndarray, q: int, limit: int
+                   ) -> list[list[Hit]]:
         """(query, row, score) triples sorted by query then best first → each query's ``limit`` best
-        identities by their best row, as the same three arrays (numpy only: safe on a ranking thread)."""
+        identities, by their best row."""
         keys = query * (self._last_code + 1) + self._code[rows]
         _, first = np.unique(keys, return_index=True)
         pos = np.sort(first)  # best row of each (query, identity), in query order then score order
         query, rows, scores = query[pos], rows[pos], scores[pos]
-        top = np.arange(len(query)) - np.searchsorted(query, query) < limit
-        return query[top], rows[top], scores[top]
-
-    def _assemble(self, query: np.ndarray, rows: np.ndarray, scores: np.ndarray, q: int) -> list[list[Hit]]:
-        """The hit lists of queries ``0..q-1`` from :meth:`_best_hit_arrays`' triples."""
-        flat_rows, flat_sims = rows.tolist(), scores.tolist()
+        starts = np.searchsorted(query, np.arange(q))
+        rank = np.arange(len(pos)) - starts[query]
+        top = rank < limit
+        query, flat_rows, flat_sims = query[top], rows[top].tolist(), scores[top].tolist()
         g, p = self._gids, self._point_ids
         # Plain (global_id, point_id, score) tuples: Neighbour's own constructor was ~10 % of a batch's host
         # time at 16 hits x 1000 queries. Callers unpack them (the Neighbour field order).
         hits: list[Hit] = list(zip([g[r] for r in flat_rows], [p[r] for r in flat_rows], flat_sims, strict=True))
         bounds = np.searchsorted(query, np.arange(q + 1)).tolist()
         return [hits[bounds[i]:bounds[i + 1]] for i in range(q)]
+
+    def _best_rows_per_identity(self, top: np.ndarray, tsims: np.ndarray, limit: int,
+                                min_score: float) -> list[list[Hit]]:
+        """:func:`best_per_identity` for a whole chunk at once. ``top``/``tsims`` are each query's rows
+        sorted best first; the first occurrence of (query, identity) in row-major order is that identity's
+        best row, and a query's first ``limit`` of those are its answer."""
+        q, k = top.shape
+        ok = (tsims >= min_score).ravel()
+        pos = np.flatnonzero(ok)
+        return self._best_hits(pos // k, top.ravel()[pos], tsims.ravel()[pos], q, limit)
 
     def _best_per_identity(self, rows: list[int], sims: list[float], limit: int) -> list[Neighbour]:
         return best_per_identity((Neighbour(self._gids[r], self._point_ids[r], sim)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from server import rowsplit
 from server.identity import TrackState, _BatchPoints
 
 
@@ -28,11 +26,7 @@ def _reference(sims: np.ndarray, upto: int, live: list[str | None], floor: float
     return dict(sorted(best.items(), key=lambda kv: -kv[1])[:limit])
 
 
-@pytest.mark.parametrize("ranking_threads", [1, 4])
-def test_batch_pairs_equal_a_scan_per_track_through_evictions_and_merges(
-        ranking_threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(rowsplit, "WORKERS", ranking_threads)  # row chunks ranked on threads give the same
-    monkeypatch.setattr(rowsplit, "MIN_ROWS", 8)
+def test_batch_pairs_equal_a_scan_per_track_through_evictions_and_merges() -> None:
     rng = np.random.default_rng(11)
     n, floor, keep, limit = 120, 0.1, 12, 4
     gids = [f"g{int(k)}" for k in rng.integers(0, 15, n)]

@@ -5,11 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
-from server import rowsplit
 from server.config import QdrantLocalSettings
 from server.store import AnalyticsStore, BatchWrite, sightings
 from server.vectors.base import Prototype, build_vectors
@@ -114,15 +112,10 @@ def test_upserts_compile_for_postgresql() -> None:
     assert "ON CONFLICT (track_uid, bucket_start_us) DO UPDATE" in sql and "least(" in sql.lower()
 
 
-@pytest.mark.parametrize("ranking_threads", [1, 3])
-def test_batched_search_equals_one_query_at_a_time_through_moves_and_deletes(
-        ranking_threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_batched_search_equals_one_query_at_a_time_through_moves_and_deletes() -> None:
     """search_many keeps each identity's best row with numpy (identity codes per row); it must give exactly
     what the per-query path gives, including after points move between identities and rows are deleted
-    (the delete swaps the last row into the hole), and whether its dense ranking runs in row chunks on
-    several threads or not."""
-    monkeypatch.setattr(rowsplit, "WORKERS", ranking_threads)
-    monkeypatch.setattr(rowsplit, "MIN_ROWS", 8)
+    (the delete swaps the last row into the hole)."""
     rng = np.random.default_rng(7)
     dim = 16
     mem = MemoryVectorStore(dim=dim, capacity=8)
