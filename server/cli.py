@@ -41,6 +41,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "check-config":
         print(dump_yaml(cfg), end="")
+        if cfg.identity.match_threshold is None:
+            from server.embed.calibration import CALIBRATED
+
+            measured = ", ".join(f"{k} {v.threshold:.2f}" for k, v in CALIBRATED.items())
+            print(f"identity.match_threshold null: the embedder's measured threshold applies ({measured})",
+                  file=sys.stderr)
         print("config ok", file=sys.stderr)
         return 0
     setup_logging("server", cfg.log_level)
