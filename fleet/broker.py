@@ -319,11 +319,9 @@ class MosquittoBroker:
                 os.chown(path, ent.pw_uid, ent.pw_gid)
 
     def reload(self) -> None:
-        """Re-read the password file and ACL (after a device was added or removed)."""
-        if os.geteuid() == 0 and self.paths.passwd.exists():
-            ent = pwd.getpwnam(MOSQUITTO_USER)
-            for path in (self.paths.passwd, self.paths.acl):
-                os.chown(path, ent.pw_uid, ent.pw_gid)
+        """Re-read the password file and ACL (after a device was added or removed). Their owner is already
+        right: the password file is written owned like the broker dir (``_write_private``), the ACL only
+        before a start, which chowns the whole dir."""
         if self._proc and self._proc.poll() is None:
             self._proc.send_signal(signal.SIGHUP)
 
