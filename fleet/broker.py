@@ -245,6 +245,42 @@ def ensure_manager_account(paths: BrokerPaths) -> str:
 
 # --- the process -----------------------------------------------------------------------------------
 
+_RELOAD_LINE = b"Reloading config."
+
+
+def _logged_since(log_path: Path, offset: int, line: bytes) -> bool:
+    try:
+        with open(log_path, "rb") as f:
+            if f.seek(0, os.SEEK_END) < offset:  # rotated or truncated meanwhile: all of it is new
+                offset = 0
+            f.seek(offset)
+            return line in f.read()
+    except OSError:
+        return False
+
+
+def request_reload(pid: int, log_path: Path, timeout_s: float = 5.0) -> bool:
+    """SIGHUP mosquitto ``pid`` and wait until a reload starts after this call, signalling again if none does.
+
+    Why not one signal: mosquitto 2.0 clears its reload flag when a reload *ends*, so a SIGHUP that arrives
+    while an earlier reload runs is lost, and that earlier reload may have read the password file before
+    the caller's write: the new device would stay unknown until some later reload (seen when 20 devices
+    are added back to back). A reload whose "Reloading config." line is logged after this call began
+    reads the file as the caller left it. Returns whether one was seen; raises ProcessLookupError if the
+    broker is gone."""
+    offset = log_path.stat().st_size if log_path.exists() else 0
+    deadline = time.monotonic() + timeout_s
+    while True:
+        os.kill(pid, signal.SIGHUP)
+        resend = min(time.monotonic() + 0.5, deadline)
+        while time.monotonic() < resend:
+            if _logged_since(log_path, offset, _RELOAD_LINE):
+                return True
+            time.sleep(0.02)
+        if time.monotonic() >= deadline:
+            log.warning("mosquitto (pid %d) logged no reload within %.0f s of SIGHUP", pid, timeout_s)
+            return False
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
@@ -323,7 +359,7 @@ class MosquittoBroker:
         right: the password file is written owned like the broker dir (``_write_private``), the ACL only
         before a start, which chowns the whole dir."""
         if self._proc and self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGHUP)
+            request_reload(self._proc.pid, self.paths.log)
 
     # lifecycle
     def start(self, timeout_s: float = 10.0) -> MosquittoBroker:

@@ -11,12 +11,19 @@ from __future__ import annotations
 import io
 import logging
 import os
-import signal
 import tarfile
 import time
 from pathlib import Path
 
-from fleet.broker import BrokerPaths, ensure_ca, ensure_manager_account, new_password, remove_user, set_password
+from fleet.broker import (
+    BrokerPaths,
+    ensure_ca,
+    ensure_manager_account,
+    new_password,
+    remove_user,
+    request_reload,
+    set_password,
+)
 from fleet.db import FleetDB
 from fleet.home import FleetConfig, FleetHome
 from fleet.inventory import Inventory
@@ -36,8 +43,7 @@ def reload_running_broker(paths: BrokerPaths) -> bool:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             if b"mosquitto" not in f.read():
                 return False
-        os.kill(pid, signal.SIGHUP)
-        return True
+        return request_reload(pid, paths.log)
     except (OSError, ValueError):
         return False
 

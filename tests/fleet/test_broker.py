@@ -6,13 +6,16 @@ import contextlib
 import queue
 import ssl
 import subprocess
+import sys
+import textwrap
 import time
+from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from fleet.broker import hash_password
+from fleet.broker import hash_password, request_reload
 from schemas.mqtt import MANAGER_USERNAME
 from schemas.topics import device_topic
 from tests.fleetkit import FleetKit
@@ -150,6 +153,48 @@ def test_adding_devices_to_a_live_broker_keeps_everyone_logged_in(fleet: FleetKi
         assert not mgr.subscribe("reidfleet/#").is_failure  # type: ignore[attr-defined]
     finally:
         mgr.close()
+
+
+def test_a_lost_sighup_is_sent_again_until_a_reload_is_logged(tmp_path: Path) -> None:
+    """mosquitto 2.0 drops a SIGHUP that arrives while it reloads. This stand-in drops the first one the same
+    way and logs its reload like mosquitto; ``request_reload`` must notice and signal again."""
+    log_path = tmp_path / "mosquitto.log"
+    log_path.write_text("1: Reloading config.\n")  # an earlier reload: must not count
+    ready = tmp_path / "ready"
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import signal, time
+        seen = []
+        def hup(_s, _f):
+            seen.append(1)
+            if len(seen) >= 2:
+                with open({str(log_path)!r}, "a") as f:
+                    f.write("2: Reloading config.\\n")
+        signal.signal(signal.SIGHUP, hup)
+        open({str(ready)!r}, "w").close()
+        time.sleep(60)
+    """)])
+    try:
+        deadline = time.monotonic() + 10
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert request_reload(child.pid, log_path, timeout_s=5)
+        assert log_path.read_text().count("Reloading config.") == 2
+        assert not request_reload(child.pid, tmp_path / "silent.log", timeout_s=0.6)  # never logs: says so
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_devices_added_back_to_back_can_all_log_in(fleet: FleetKit) -> None:
+    """Each add waits for a reload that started after its own write, so none of a quick series is left out
+    (an installer provisioning a batch of boxes)."""
+    bundles = [fleet.add_device(f"box-{i:02d}") for i in range(15)]
+    for b in bundles:
+        dev = Client(fleet, b.mqtt.username, b.mqtt.password)
+        try:
+            assert dev.connected(), f"{b.device_id} refused"
+        finally:
+            dev.close()
 
 
 def test_revoked_device_cannot_log_in(fleet: FleetKit) -> None:
