@@ -16,6 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from fleet.broker import hash_password, request_reload
+from schemas.bundle import DeviceBundle
 from schemas.mqtt import MANAGER_USERNAME
 from schemas.topics import device_topic
 from tests.fleetkit import FleetKit
@@ -65,6 +66,15 @@ class Client:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def assert_all_log_in(kit: FleetKit, bundles: list[DeviceBundle]) -> None:
+    for b in bundles:
+        dev = Client(kit, b.mqtt.username, b.mqtt.password)
+        try:
+            assert dev.connected(), f"{b.device_id} refused after the reload"
+        finally:
+            dev.close()
 
 
 def test_password_hash_matches_mosquitto_format() -> None:
@@ -143,12 +153,7 @@ def test_adding_devices_to_a_live_broker_keeps_everyone_logged_in(fleet: FleetKi
         assert mgr.connected()
         bundles = [fleet.add_device(f"cam-{i}") for i in range(3)]  # three reloads while the manager is on
         time.sleep(0.5)
-        for b in bundles:
-            dev = Client(fleet, b.mqtt.username, b.mqtt.password)
-            try:
-                assert dev.connected(), f"{b.device_id} refused after the reload"
-            finally:
-                dev.close()
+        assert_all_log_in(fleet, bundles)
         assert mgr.connack.empty()  # the manager was never dropped (paho would reconnect and report again)
         assert not mgr.subscribe("reidfleet/#").is_failure  # type: ignore[attr-defined]
     finally:
@@ -188,13 +193,7 @@ def test_a_lost_sighup_is_sent_again_until_a_reload_is_logged(tmp_path: Path) ->
 def test_devices_added_back_to_back_can_all_log_in(fleet: FleetKit) -> None:
     """Each add waits for a reload that started after its own write, so none of a quick series is left out
     (an installer provisioning a batch of boxes)."""
-    bundles = [fleet.add_device(f"box-{i:02d}") for i in range(15)]
-    for b in bundles:
-        dev = Client(fleet, b.mqtt.username, b.mqtt.password)
-        try:
-            assert dev.connected(), f"{b.device_id} refused"
-        finally:
-            dev.close()
+    assert_all_log_in(fleet, [fleet.add_device(f"box-{i:02d}") for i in range(15)])
 
 
 def test_revoked_device_cannot_log_in(fleet: FleetKit) -> None:
