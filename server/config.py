@@ -134,6 +134,10 @@ class QdrantLocalSettings(StrictModel):
                         "writes ~8 ms a point). Single consumer process only.")
     mirror_max_pending: int = Field(50_000, ge=1, description="Prototype changes the Qdrant mirror may lag "
                                     "behind before the consumer waits for it (memory bound, ~1-2 KB a point).")
+    mirror_process: bool = Field(True, description="With cache: the Qdrant mirror runs in a child process of its "
+                                 "own, not as a thread of the consumer (qdrant-client is Python: as a thread it "
+                                 "took the interpreter from the matcher; measured on an H200 box, 7.3k against "
+                                 "8.3k crops/s). False: one process, a thread.")
 
 
 class QdrantServerSettings(StrictModel):
@@ -144,6 +148,7 @@ class QdrantServerSettings(StrictModel):
     cache: bool = Field(False, description="In-memory copy in front, Qdrant an asynchronous mirror; only safe "
                         "with a single consumer.")
     mirror_max_pending: int = Field(50_000, ge=1, description="See qdrant_local.mirror_max_pending.")
+    mirror_process: bool = Field(True, description="See qdrant_local.mirror_process.")
     timeout_s: float = Field(10.0, gt=0)
 
 

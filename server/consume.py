@@ -46,6 +46,7 @@ from server.sink import DeliveryFailed, Record, Result, ResultSink
 from server.store import AnalyticsStore, BatchWrite, prototype_row
 from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops, undecoded_crops
 from server.vectors import Prototype, build_vectors
+from server.vectors.mirror import MirrorDied
 
 log = logging.getLogger(__name__)
 
@@ -712,7 +713,8 @@ def _track_ids(rec: dict[str, Any] | None) -> set[int]:
 
 def run_forever(cfg: ServerConfig, stop: StopSignal, on_ready: Callable[[ReidConsumer], None] | None = None,
                 consumer: ReidConsumer | None = None) -> None:
-    """Run consumers until ``stop``: after a :class:`DeliveryFailed` or a fatal Kafka error a fresh consumer
+    """Run consumers until ``stop``: after a :class:`DeliveryFailed`, a fatal Kafka error or a dead vector mirror
+    process (:class:`MirrorDied`: its queued changes are reconciled from SQL by the next start) a fresh consumer
     (matcher state reloaded from the analytics store, the models and metrics kept) takes over from the
     committed offsets after a backoff, as a process restart would, minus the model load. ``on_ready`` sees
     each consumer before it runs."""
@@ -728,7 +730,7 @@ def run_forever(cfg: ServerConfig, stop: StopSignal, on_ready: Callable[[ReidCon
         try:
             consumer.run()
             return
-        except (DeliveryFailed, KafkaException) as exc:
+        except (DeliveryFailed, KafkaException, MirrorDied) as exc:
             if stop.is_set():
                 return
             if time.monotonic() - started > 60:

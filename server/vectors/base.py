@@ -118,11 +118,18 @@ def build_vectors(cfg: Any, dim: int, model_id: str, source: Iterable[Prototype]
         raise ValueError(f"unknown vector store {cfg.type!r}; known: {', '.join(sorted(VECTOR_STORES))}")
     if cfg.type == "memory" and source is not None:
         return CachedVectorStore(None, source, dim=dim)
+    max_pending = getattr(cfg, "mirror_max_pending", 50_000)
+    if getattr(cfg, "cache", False) and getattr(cfg, "mirror_process", False):
+        from server.vectors.mirror import MirrorProcess
+
+        # The Qdrant client lives only in the mirror's process (local mode allows one process per folder).
+        return CachedVectorStore(None, source, max_pending=max_pending,
+                                 remote=MirrorProcess(cfg, dim=dim, model_id=model_id, max_pending=max_pending))
     module_name, _, cls_name = VECTOR_STORES[cfg.type].partition(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
     store: VectorStore = cls(cfg, dim=dim, model_id=model_id)
     if getattr(cfg, "cache", False):
-        store = CachedVectorStore(store, source, max_pending=getattr(cfg, "mirror_max_pending", 50_000))
+        store = CachedVectorStore(store, source, max_pending=max_pending)
     return store
 
 

@@ -10,16 +10,14 @@ a Qdrant server without the cache).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
-import threading
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from server.vectors.base import Hit, Neighbour, Prototype, VectorStore, best_per_identity
+from server.vectors.mirror import MirrorDied, MirrorProcess, QdrantMirror, pid_rev
 
 log = logging.getLogger(__name__)
 
@@ -313,25 +311,31 @@ class CachedVectorStore:
     so writing it on the consumer's critical path capped the whole consumer at ~130 crops/s. The
     matcher now writes each prototype into the analytics store's ``prototypes`` table in the batch's own
     transaction (server/store.py), the consumer stores offsets only after that commits, and this cache
-    hands the batch's changes to a :class:`QdrantMirror` thread afterwards. A crash loses nothing: at
-    start the cache loads from SQL and the mirror is reconciled against it (``rev`` per point).
+    hands the batch's changes to the mirror afterwards (server/vectors/mirror.py): a thread writing to
+    ``inner``, or a child process owning the Qdrant store (``remote``). A crash loses nothing: at start the
+    cache loads from SQL and the mirror is reconciled against it (``rev`` per point).
 
-    ``inner`` may be None (vectors.type ``memory``): exact in-memory search over the SQL copy, no Qdrant.
+    With neither (vectors.type ``memory``): exact in-memory search over the SQL copy, no Qdrant.
     """
 
     def __init__(self, inner: VectorStore | None, source: Iterable[Prototype] | None = None, *,
-                 dim: int | None = None, max_pending: int = 50_000) -> None:
+                 dim: int | None = None, max_pending: int = 50_000, remote: MirrorProcess | None = None) -> None:
         self.inner = inner
-        self.dim = inner.dim if inner is not None else int(dim or 0)
+        # The Qdrant side read at start (load, reconcile): the store itself, or the mirror process owning it.
+        self._qdrant: Any = inner if inner is not None else remote
+        self.dim = self._qdrant.dim if self._qdrant is not None else int(dim or 0)
         self.mem = MemoryVectorStore(dim=self.dim, capacity=1024)
         self._pending: dict[str, Prototype | None] = {}  # point id -> final state (None = delete)
         self.imported: list[Prototype] = []  # points found only in Qdrant (pre-SQL galleries): to write to SQL
         self._load(source)
-        self.mirror: QdrantMirror | None = None
+        self.mirror: QdrantMirror | MirrorProcess | None = None
         if inner is not None:
             self.mirror = QdrantMirror(inner, max_pending=max_pending)
             self.mirror.submit(self._reconcile_diff())
             self.mirror.start()
+        elif remote is not None:
+            self.mirror = remote
+            remote.submit(self._reconcile_diff())
 
     def _load(self, source: Iterable[Prototype] | None) -> None:
         batch: list[Prototype] = []
@@ -341,20 +345,20 @@ class CachedVectorStore:
                 self.mem.upsert(batch)
                 batch = []
         self.mem.upsert(batch)
-        if self.mem.count() == 0 and self.inner is not None and self.inner.count():
+        if self.mem.count() == 0 and self._qdrant is not None and self._qdrant.count():
             # A gallery written before SQL held the prototypes: adopt Qdrant's copy (the caller writes it to SQL).
-            self.imported = list(self.inner.scroll())
+            self.imported = list(self._qdrant.scroll())
             self.mem.upsert(self.imported)
 
     def _reconcile_diff(self) -> dict[str, Prototype | None]:
         """What the mirror must change to equal the SQL copy: points it lacks or holds at another rev,
         and points SQL no longer has (a crash between a commit and the mirror write, or a lost mirror)."""
-        assert self.inner is not None
+        assert self._qdrant is not None
         if self.imported:
             return {}
-        revisions = getattr(self.inner, "revisions", None)
+        revisions = getattr(self._qdrant, "revisions", None)
         have: dict[str, Any] = revisions() if revisions is not None else {
-            p.point_id: p.payload.get("rev") for p in self.inner.scroll()}
+            p.point_id: p.payload.get("rev") for p in self._qdrant.scroll()}
         diff: dict[str, Prototype | None] = {pid: None for pid in have if pid not in self.mem._row_of}
         for p in self.mem.scroll():
             if pid_rev(p) != have.get(p.point_id, -1):
@@ -412,90 +416,11 @@ class CachedVectorStore:
         return self.mirror.lag() if self.mirror is not None else 0
 
     def close(self, drain_timeout_s: float = 30.0) -> None:
-        self.flush()
+        try:
+            self.flush()
+        except MirrorDied as exc:  # its changes are in SQL: the next start reconciles them into Qdrant
+            log.warning("vector mirror gone at close: %s", exc)
         if self.mirror is not None:
             self.mirror.close(drain_timeout_s)
         if self.inner is not None:
             self.inner.close()
-
-
-def pid_rev(p: Prototype) -> Any:
-    return p.payload.get("rev", -2)
-
-
-class QdrantMirror(threading.Thread):
-    """One writer thread that applies coalesced prototype changes to Qdrant in chunks.
-
-    Changes to the same point collapse (a track's NEW and IMPROVED prototypes become one write). The
-    queue is bounded: past ``max_pending`` points, :meth:`submit` blocks, which slows the consumer to
-    Qdrant's write speed instead of growing memory without end. A failed write is retried (older
-    state never overwrites a newer one queued meanwhile)."""
-
-    def __init__(self, inner: VectorStore, *, max_pending: int = 50_000, chunk: int = 256) -> None:
-        super().__init__(name="vector-mirror", daemon=True)
-        self.inner = inner
-        self.max_pending = max_pending
-        self.chunk = chunk
-        self._pending: dict[str, Prototype | None] = {}
-        self._cv = threading.Condition()
-        self._closing = False
-        self._busy = 0
-        self.written = 0
-        self.errors = 0
-
-    def submit(self, changes: dict[str, Prototype | None]) -> None:
-        with self._cv:
-            self._pending.update(changes)
-            self._cv.notify_all()
-            while len(self._pending) > self.max_pending and not self._closing and self.is_alive():
-                self._cv.wait(0.5)
-
-    def lag(self) -> int:
-        with self._cv:
-            return len(self._pending) + self._busy
-
-    def run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._pending and not self._closing:
-                    self._cv.wait(1.0)
-                if self._closing:  # close() drained what it could; the rest is reconciled at the next start
-                    return
-                keys = list(itertools.islice(self._pending, self.chunk))
-                work = {k: self._pending.pop(k) for k in keys}
-                self._busy = len(work)
-            try:
-                deletes = [pid for pid, p in work.items() if p is None]
-                self.inner.delete_points(deletes)
-                self.inner.upsert([p for p in work.values() if p is not None])
-                self.written += len(work)
-            except Exception as exc:  # keep the mirror alive: SQL holds the truth, the write is retried
-                self.errors += 1
-                log.warning("vector mirror write failed, retrying: %s", exc)
-                with self._cv:
-                    for k, v in work.items():
-                        self._pending.setdefault(k, v)  # a newer state queued meanwhile wins
-                if self._closing:
-                    return
-                time.sleep(min(5.0, 0.2 * self.errors))
-            finally:
-                with self._cv:
-                    self._busy = 0
-                    self._cv.notify_all()
-
-    def drain(self, timeout_s: float) -> bool:
-        """Wait until every submitted change is in Qdrant (tests, shutdown)."""
-        deadline = time.monotonic() + timeout_s
-        with self._cv:
-            while (self._pending or self._busy) and time.monotonic() < deadline and self.is_alive():
-                self._cv.wait(0.1)
-            return not (self._pending or self._busy)
-
-    def close(self, timeout_s: float) -> None:
-        if not self.drain(timeout_s):
-            log.warning("vector mirror not drained at close; it is rebuilt from SQL at the next start",
-                        extra={"points": self.lag()})
-        with self._cv:
-            self._closing = True
-            self._cv.notify_all()
-        self.join(timeout_s)

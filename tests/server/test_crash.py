@@ -123,15 +123,23 @@ def test_sigkill_mid_batch_then_restart_loses_nothing_and_duplicates_nothing(
     assert seen == {(f["device_id"], f["frame_index"]) for f in frames}, "every frame has a result"
 
 
-def test_commit_process_killed_mid_stream_is_replaced_and_loses_nothing(
-        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path) -> None:
-    """batch.commit_process: SIGKILL the writer process between batches; the batch in flight fails
-    (DeliveryFailed), run_forever starts a fresh consumer and writer from the committed offsets, and the
-    stores end exactly as an uninterrupted run leaves them."""
+def _child_pid(consumer: ReidConsumer, child: str) -> int:
+    return consumer._writer.pid if child == "writer" else consumer.vectors.mirror.pid  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("child", ["writer", "vector_mirror"])
+def test_a_child_process_killed_mid_stream_is_replaced_and_loses_nothing(
+        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path, child: str) -> None:
+    """SIGKILL the commit process (batch.commit_process) or the Qdrant mirror's process between batches: the
+    batch in flight fails (DeliveryFailed / MirrorDied), run_forever starts a fresh consumer and children from
+    the committed offsets, the stores end exactly as an uninterrupted run leaves them, and Qdrant ends
+    holding exactly the SQL copy of the gallery (changes the dead mirror had queued are reconciled)."""
     import threading
 
     from common.service import StopSignal
     from server.consume import run_forever
+    from server.store import AnalyticsStore
+    from server.vectors.qdrant import QdrantVectorStore
 
     frames = stream(market)
     produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
@@ -148,8 +156,8 @@ def test_commit_process_killed_mid_stream_is_replaced_and_loses_nothing(
         while count_ended(cfg.store.url) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         done_at_kill = count_ended(cfg.store.url)
-        writer_pid = consumers[0]._writer.pid
-        os.kill(writer_pid, signal.SIGKILL)
+        killed_pid = _child_pid(consumers[0], child)
+        os.kill(killed_pid, signal.SIGKILL)
         assert 0 < done_at_kill < n_tracks, f"kill did not land mid-stream ({done_at_kill} tracks done)"
         deadline = time.monotonic() + 180
         while count_ended(cfg.store.url) < n_tracks and time.monotonic() < deadline:
@@ -159,8 +167,16 @@ def test_commit_process_killed_mid_stream_is_replaced_and_loses_nothing(
         stop.set()
         th.join(60)
     assert not th.is_alive()
-    assert len(consumers) >= 2 and consumers[-1]._writer.pid != writer_pid, "a fresh writer took over"
+    assert len(consumers) >= 2 and _child_pid(consumers[-1], child) != killed_pid, "a fresh child took over"
     crashed = snapshot(cfg.store.url)
+    store = AnalyticsStore(cfg.store.url)
+    model = consumers[-1].embedder.model_id
+    in_sql = {pid: rev for pid, _gid, _vec, _payload, rev in store.load_prototypes(model)}
+    store.close()
+    qdrant = QdrantVectorStore(cfg.vectors, dim=consumers[-1].embedder.dim, model_id=model)
+    in_qdrant = qdrant.revisions()
+    qdrant.close()
+    assert in_sql and in_qdrant == in_sql, "the mirror holds exactly the durable gallery"
 
     clean_cfg = server_config(kafka_bootstrap, topics, tmp_path / "clean", batch={"max_crops": 4, "max_wait_ms": 20},
                               kafka={"group_id": "clean-" + topics["reid_input"]})

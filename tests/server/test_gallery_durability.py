@@ -8,12 +8,14 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import sqlalchemy as sa
 
 from server.config import QdrantLocalSettings
 from server.store import AnalyticsStore, BatchWrite, prototype_row, transitions
 from server.vectors.base import Prototype, build_vectors
 from server.vectors.memory import CachedVectorStore
+from server.vectors.mirror import MirrorProcess, QdrantMirror
 from server.vectors.qdrant import QdrantVectorStore
 
 DIM = 16
@@ -41,7 +43,8 @@ def qdrant_state(path: Path) -> dict[str, tuple[str, int]]:
         q.close()
 
 
-def test_sql_is_the_gallery_and_qdrant_mirror_catches_up_after_a_crash(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mirror_process", [True, False], ids=["mirror-process", "mirror-thread"])
+def test_sql_is_the_gallery_and_qdrant_mirror_catches_up_after_a_crash(tmp_path: Path, mirror_process: bool) -> None:
     rng = np.random.default_rng(0)
     v = unit(rng, 12)
     store = AnalyticsStore(f"sqlite:///{tmp_path / 'a.db'}")
@@ -50,10 +53,11 @@ def test_sql_is_the_gallery_and_qdrant_mirror_catches_up_after_a_crash(tmp_path:
         batch.prototypes[pid(i)] = prototype_row(pid(i), f"g{i % 4}", MODEL, v[i], {"rev": 100 + i}, 100 + i)
     batch.prototypes[pid(99)] = prototype_row(pid(99), "other", "another-model", v[0], {"rev": 1}, 1)
     store.write(batch)
-    cfg = QdrantLocalSettings(path=str(tmp_path / "q"))
+    cfg = QdrantLocalSettings(path=str(tmp_path / "q"), mirror_process=mirror_process)
 
     gallery = build_vectors(cfg, DIM, MODEL, source=source(store))
     assert isinstance(gallery, CachedVectorStore) and gallery.count() == 10, "loaded from SQL, one model only"
+    assert isinstance(gallery.mirror, MirrorProcess if mirror_process else QdrantMirror)
     hit = gallery.search(v[5], 1, 4)[0]
     assert (hit.global_id, hit.point_id) == ("g1", pid(5)) and hit.score > 0.999
     assert gallery.mirror is not None and gallery.mirror.drain(60), "the mirror writes what SQL holds"
