@@ -15,9 +15,9 @@ def _track(j: int, gid: str | None) -> TrackState:
 
 def _reference(sims: np.ndarray, upto: int, live: list[str | None], floor: float, keep: int, limit: int
                ) -> dict[str, float]:
-    """The per-track scan it replaced: the query's ``keep`` best earlier tracks, those at or above the floor
-    whose prototype is live, best score per identity, the ``limit`` best identities."""
-    earlier = sorted(range(upto), key=lambda j: -sims[j])[:keep]
+    """The per-track scan it replaced: the query's ``keep`` best earlier tracks whose prototype is live, those
+    at or above the floor, best score per identity, the ``limit`` best identities."""
+    earlier = sorted((j for j in range(upto) if live[j] is not None), key=lambda j: -sims[j])[:keep]
     best: dict[str, float] = {}
     for j in earlier:
         gid = live[j]
@@ -26,7 +26,15 @@ def _reference(sims: np.ndarray, upto: int, live: list[str | None], floor: float
     return dict(sorted(best.items(), key=lambda kv: -kv[1])[:limit])
 
 
+def _reference_pairs(sims: np.ndarray, upto: int, live: list[str | None], floor: float, keep: int
+                     ) -> list[tuple[str, float]]:
+    """The (identity, cosine) pairs of the query's ``keep`` best earlier live tracks, best first."""
+    earlier = sorted((j for j in range(upto) if live[j] is not None), key=lambda j: -sims[j])[:keep]
+    return [(g, float(sims[j])) for j in earlier if (g := live[j]) is not None and sims[j] >= floor]
+
+
 def test_batch_pairs_equal_a_scan_per_track_through_evictions_and_merges() -> None:
+    """Each query reads up to ``limit`` identities: past its best pair (argmax) into the pairs sorted on demand."""
     rng = np.random.default_rng(11)
     n, floor, keep, limit = 120, 0.1, 12, 4
     gids = [f"g{int(k)}" for k in rng.integers(0, 15, n)]
@@ -44,6 +52,7 @@ def test_batch_pairs_equal_a_scan_per_track_through_evictions_and_merges() -> No
             got = pts.best(r, limit)
             want = _reference(sims[r], i, live, floor, keep, limit)
             assert got == want, (i, got, want)
+            assert list(pts.ranked(r)) == _reference_pairs(sims[r], i, live, floor, keep), "every pair once"
             assert list(got.values()) == sorted(got.values(), reverse=True), "best first"
             checked += bool(want)
         pts.decided(i)
@@ -162,3 +171,18 @@ def test_folding_a_batch_at_once_equals_folding_track_by_track() -> None:
         np.testing.assert_allclose(a.emb_sum, b.emb_sum, rtol=1e-5)
         assert (a.n_crops, round(a.weight, 4), round(a.male_sum, 4)) == (b.n_crops, round(b.weight, 4),
                                                                          round(b.male_sum, 4))
+
+
+def test_segment_sums_equal_reduceat() -> None:
+    """The fold's row sums per track equal numpy's reduceat to float32 rounding (it adds a segment's rows left
+    to right; reduceat may pair them), for short segments (the fast path) and long ones (reduceat itself)."""
+    from server.identity import _segment_sums
+
+    rng = np.random.default_rng(5)
+    for lens in (rng.integers(1, 5, 700), np.array([1]), rng.integers(1, 80, 40), np.array([3, 1, 33, 2])):
+        x = rng.standard_normal((int(lens.sum()), 64)).astype(np.float32)
+        starts = np.r_[0, np.cumsum(lens)[:-1]]
+        got = _segment_sums(x, starts, lens)
+        assert got.dtype == np.float32 and got.shape == (len(lens), 64)
+        np.testing.assert_allclose(got, np.add.reduceat(x, starts, axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(got[lens <= 2], np.add.reduceat(x, starts, axis=0)[lens <= 2])
