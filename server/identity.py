@@ -36,7 +36,6 @@ from server.config import GenderSettings, IdentitySettings
 from server.embed.calibration import calibrated_threshold
 from server.store import AnalyticsStore, BatchWrite, pick_track, prototype_row
 from server.vectors.base import Neighbour, Prototype, VectorStore
-from server.vectors.memory import blas_threads
 
 log = logging.getLogger(__name__)
 
@@ -440,8 +439,7 @@ class IdentityMatcher:
         self._gone_points, self._gone_identities = set(), set()
         self._vector_writes = {}
         # The batch's own points: every query's cosine to every track of the batch, kept where it could matter.
-        with blas_threads(len(may_query)):  # a ~1,000 x 1,000 x 512 product: ~10 ms on one core
-            inside = fused[may_query] @ fused.T if may_query else None
+        inside = fused[may_query] @ fused.T if may_query else None
         self._inside = _BatchPoints(tracks, inside, may_query, floor, c * bank, self._gone_identities)
         written: set[str] = set()  # point ids the batch has rewritten so far (tracks[:i])
         out: list[Assignment] = []

@@ -38,7 +38,7 @@ _blas_ctl: Any = None
 
 
 @contextlib.contextmanager
-def blas_threads(n_queries: int) -> Iterator[None]:
+def _blas_threads(n_queries: int) -> Iterator[None]:
     """Every allowed core for a batched search of many queries (a GEMM scales with threads), one thread
     otherwise (see :func:`single_thread_blas`)."""
     global _blas_ctl
@@ -221,7 +221,7 @@ class MemoryVectorStore:
         mat = self._mat[:n]
         rows = max(1, _SIMS_CHUNK_FLOATS // n)
         out: list[list[Hit]] = []
-        with blas_threads(len(q)):
+        with _blas_threads(len(q)):
             for s in range(0, len(q), rows):
                 sims = q[s:s + rows] @ mat.T
                 sparse = self._above_floor(sims, k, limit, min_score)

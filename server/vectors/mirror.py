@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+import numpy as np
+
 from server.vectors.base import Prototype, VectorStore
 
 log = logging.getLogger(__name__)
@@ -127,6 +129,28 @@ class QdrantMirror(threading.Thread):
 _RECEIVED, _LAG, _WRITTEN, _ERRORS = range(4)
 
 
+Columns = tuple[list[str], list[str], list[str], np.ndarray, list[dict[str, Any]]]
+
+
+def _to_columns(changes: dict[str, Prototype | None], dim: int) -> Columns:
+    """A batch's changes as (deleted ids, ids, identities, one vector matrix, payloads). Why: pickling a
+    thousand Prototypes, each with its own small array, cost the consumer ~5.5 ms a batch here against ~1 ms
+    for the columns (the H200 box's hand-off grew by ~0.3 s per 60k crops the first way)."""
+    deleted = [pid for pid, p in changes.items() if p is None]
+    live = [p for p in changes.values() if p is not None]
+    vectors = np.stack([np.asarray(p.vector, dtype=np.float32) for p in live]) if live else \
+        np.zeros((0, dim), np.float32)
+    return deleted, [p.point_id for p in live], [p.global_id for p in live], vectors, [p.payload for p in live]
+
+
+def _from_columns(cols: Columns) -> dict[str, Prototype | None]:
+    deleted, ids, gids, vectors, payloads = cols
+    out: dict[str, Prototype | None] = dict.fromkeys(deleted)
+    for i, (pid, gid, payload) in enumerate(zip(ids, gids, payloads, strict=True)):
+        out[pid] = Prototype(pid, gid, vectors[i], payload)
+    return out
+
+
 def _settings(cfg_json: dict[str, Any]) -> Any:
     from server.config import QdrantLocalSettings, QdrantServerSettings
 
@@ -166,8 +190,9 @@ def _serve(conn: Connection, cfg_json: dict[str, Any], dim: int, model_id: str, 
             if not mirror.is_alive() and op in ("submit", "drain"):
                 mirror.start()
             if op == "submit":
-                mirror.submit(arg)
-                counters[_RECEIVED] += len(arg)
+                changes = _from_columns(arg)
+                mirror.submit(changes)
+                counters[_RECEIVED] += len(changes)
                 counters[_LAG] = mirror.lag()
             elif op == "drain":
                 conn.send(mirror.drain(arg) if mirror.is_alive() else True)
@@ -247,7 +272,7 @@ class MirrorProcess:
             return
         with self._lock:
             try:
-                self._conn.send(("submit", changes))
+                self._conn.send(("submit", _to_columns(changes, self.dim)))
             except (OSError, EOFError) as exc:
                 raise MirrorDied(f"vector mirror process gone (exit code {self._proc.exitcode}): {exc}") from exc
             self._sent += len(changes)
