@@ -217,9 +217,14 @@ class ReidConsumer:
     def health(self) -> dict[str, Any]:
         stalled = time.monotonic() - self.last_loop_at > self.cfg.kafka.max_poll_interval_ms / 1000 / 2
         waiting = self.output_waiting_since
+        degraded = [f"kafka: results waiting for the broker for {time.monotonic() - waiting:.0f} s"] \
+            if waiting is not None else []
+        mirror = getattr(self.vectors, "mirror", None)
+        if mirror is not None and not mirror.is_alive():
+            degraded.append("vectors: the Qdrant mirror is not running; the consumer restarts with its next batch "
+                            "and reconciles Qdrant from the analytics store")
         return {"ok": not stalled, "batches": self.batches, "gallery_identities": self.matcher.gallery_size(),
-                "degraded": [f"kafka: results waiting for the broker for {time.monotonic() - waiting:.0f} s"]
-                if waiting is not None else [],
+                "degraded": degraded,
                 "partitions": [tp.partition for tp in self._assigned], "embedder": self.embedder.model_id,
                 "matcher": dict(self.matcher.stats)}
 

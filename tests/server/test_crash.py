@@ -158,6 +158,12 @@ def test_a_child_process_killed_mid_stream_is_replaced_and_loses_nothing(
         done_at_kill = count_ended(cfg.store.url)
         killed_pid = _child_pid(consumers[0], child)
         os.kill(killed_pid, signal.SIGKILL)
+        if child == "vector_mirror":  # health says so until the consumer notices it with its next batch
+            mirror = consumers[0].vectors.mirror  # type: ignore[attr-defined]
+            deadline = time.monotonic() + 10
+            while mirror.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert any("Qdrant mirror" in d for d in consumers[0].health()["degraded"])
         assert 0 < done_at_kill < n_tracks, f"kill did not land mid-stream ({done_at_kill} tracks done)"
         deadline = time.monotonic() + 180
         while count_ended(cfg.store.url) < n_tracks and time.monotonic() < deadline:
