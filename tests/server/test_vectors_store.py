@@ -125,10 +125,10 @@ def test_batched_search_equals_one_query_at_a_time_through_moves_and_deletes() -
     mem.delete_points([f"p{i}" for i in range(0, 600, 5)])
     mem.delete_identities(["g3", "g50"])
     q = unit(rng, 40, dim)
-    # floors above -1 take the sparse path (pairs above the floor sorted), with and without truncation to
-    # limit x bank rows; a floor passing too many falls back to the dense partial sort
+    # floors passing few rows take the sparse path (pairs above the floor sorted), with and without truncation
+    # to limit x bank rows; a floor passing more than a sixteenth of the rows takes the dense partial sort
     for limit, bank, floor in ((5, 3, -2.0), (16, 8, 0.2), (200, 8, -2.0), (3, 2, 0.35), (5, 3, 0.5), (2, 2, 0.5),
-                              (4, 2, 0.0)):
+                              (4, 2, 0.0), (16, 8, 0.6)):
         got = mem.search_many(q, limit, bank, floor)
         for i in range(len(q)):
             want = [h for h in mem.search(q[i], limit, bank) if h.score >= floor]
