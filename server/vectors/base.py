@@ -67,9 +67,10 @@ class VectorStore(Protocol):
         ...
 
     def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
-                    min_score: float = -2.0) -> list[list[Hit]]:
+                    min_score: float = -2.0) -> list[Sequence[Hit]]:
         """:meth:`search` for each row of ``queries`` (m, dim), in one round trip or one matrix product,
-        leaving out points that score below ``min_score``; hits as :data:`Hit` tuples."""
+        leaving out points that score below ``min_score``; hits as :data:`Hit` tuples (a query's answer may be
+        built as it is read: iterate it, or index it to have it whole)."""
         ...
 
     def delete_points(self, point_ids: Sequence[str]) -> None: ...

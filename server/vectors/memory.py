@@ -208,7 +208,7 @@ class MemoryVectorStore:
         return self._best_per_identity(top.tolist(), sims[top].tolist(), limit)
 
     def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
-                    min_score: float = -2.0) -> list[list[Hit]]:
+                    min_score: float = -2.0) -> list[Sequence[Hit]]:
         """:meth:`search` for many queries at once: one matrix product per chunk of queries reads the
         gallery once instead of once per query (memory-bound matrix-vector products become a
         compute-bound GEMM), and BLAS may use every allowed core for it. Points scoring below
@@ -220,7 +220,7 @@ class MemoryVectorStore:
         k = min(n, max(1, limit * bank_size))
         mat = self._mat[:n]
         rows = max(1, _SIMS_CHUNK_FLOATS // n)
-        out: list[list[Hit]] = []
+        out: list[Sequence[Hit]] = []
         with _blas_threads(len(q)):
             for s in range(0, len(q), rows):
                 sims = q[s:s + rows] @ mat.T
@@ -233,11 +233,11 @@ class MemoryVectorStore:
 
     def _dense_hits(self, sims: np.ndarray, k: int, limit: int, bank_size: int, min_score: float
                     ) -> list[_LazyHits]:
-        """Each query's answer when most rows pass the floor (a returning crowd on a model with high cosines):
-        only the best ``2 x bank_size`` rows per query are sorted, and a query's identities are read off them
-        as the caller asks (:class:`_LazyHits`). Why: the matcher reads one or two identities of most queries,
-        while sorting ``limit x bank`` rows and keeping each identity's best for all of them cost ~25 ms per
-        1,000 queries here (the H200 box's matcher: 16 us a crop, its largest part)."""
+        """Each query's answer when many rows pass the floor (more than :meth:`_above_floor` takes: a
+        returning crowd on a model with high cosines): only the best ``2 x bank_size`` rows per query are
+        sorted, and a query's identities are read off them as the caller asks (:class:`_LazyHits`). Why: the
+        matcher reads one or two identities of most queries, while sorting ``limit x bank`` rows and keeping
+        each identity's best for all of them cost ~25 ms per 1,000 queries here."""
         n = sims.shape[1]
         t = min(k, 2 * bank_size)
         if t < n:
@@ -446,7 +446,7 @@ class CachedVectorStore:
         return self.mem.search(query, limit, bank_size)
 
     def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
-                    min_score: float = -2.0) -> list[list[Hit]]:
+                    min_score: float = -2.0) -> list[Sequence[Hit]]:
         return self.mem.search_many(queries, limit, bank_size, min_score)
 
     def delete_points(self, point_ids: Sequence[str]) -> None:

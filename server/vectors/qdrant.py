@@ -77,7 +77,7 @@ class QdrantVectorStore:
         return self.search_many(np.asarray(query, dtype=np.float32).reshape(1, -1), limit, bank_size)[0]
 
     def search_many(self, queries: np.ndarray, limit: int, bank_size: int,
-                    min_score: float = -2.0) -> list[list[Hit]]:
+                    min_score: float = -2.0) -> list[Sequence[Hit]]:
         m = self._models
         q = np.asarray(queries, dtype=np.float32).reshape(-1, self.dim)
         if len(q) == 0:
@@ -85,7 +85,7 @@ class QdrantVectorStore:
         threshold = min_score if min_score > -1.0 else None
         reqs = [m.QueryRequest(query=row.tolist(), limit=max(1, limit * bank_size), with_payload=["global_id"],
                                score_threshold=threshold) for row in q]
-        out: list[list[Hit]] = []
+        out: list[Sequence[Hit]] = []
         for s in range(0, len(reqs), 256):  # bounded request size for a server
             for res in self.client.query_batch_points(self.collection, requests=reqs[s:s + 256]):
                 out.append(best_per_identity((Neighbour(str(pt.payload["global_id"]), str(pt.id),  # type: ignore[index]
