@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -101,11 +102,11 @@ class QdrantMirror(threading.Thread):
                     return
                 time.sleep(min(5.0, 0.2 * self.errors))
             finally:
-                with self._cv:
+                with self._cv:  # an RLock: on_progress may read lag(); a drain wakes only after it ran
                     self._busy = 0
+                    if self.on_progress is not None:
+                        self.on_progress(self)
                     self._cv.notify_all()
-                if self.on_progress is not None:
-                    self.on_progress(self)
 
     def drain(self, timeout_s: float) -> bool:
         """Wait until every submitted change is in Qdrant (tests, shutdown)."""
@@ -165,6 +166,9 @@ def _serve(conn: Connection, cfg_json: dict[str, Any], dim: int, model_id: str, 
     from common.logs import setup_logging
     from server.vectors.qdrant import QdrantVectorStore
 
+    # A Ctrl-C reaches the whole process group: the consumer handles it and closes this process after a
+    # drain, so the mirror does not die mid-queue (it still exits on SIGTERM, on "close" or when the pipe ends).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging("reidfleet-server-mirror", logging.getLevelName(log_level))
     try:
         inner = QdrantVectorStore(_settings(cfg_json), dim=dim, model_id=model_id)

@@ -202,3 +202,25 @@ def test_a_store_from_an_older_version_gets_the_new_indexes(tmp_path: Path) -> N
     assert "COVERING INDEX ix_tracks_global_recent" in plan, plan
     store.close()
     eng.dispose()
+
+
+def test_mirror_process_outlives_a_ctrl_c_and_drains_on_close(tmp_path: Path) -> None:
+    """A terminal's Ctrl-C reaches the consumer's whole process group; the mirror child ignores it so the
+    consumer can drain it on close instead of losing its queue mid-write."""
+    import os
+    import signal
+    import time
+
+    from server.vectors.mirror import MirrorProcess
+
+    rng = np.random.default_rng(4)
+    v = unit(rng, 3)
+    m = MirrorProcess(QdrantLocalSettings(path=str(tmp_path / "q")), dim=DIM, model_id=MODEL)
+    os.kill(m.pid, signal.SIGINT)  # type: ignore[arg-type]
+    time.sleep(0.5)
+    assert m.is_alive()
+    m.submit({pid(i): Prototype(pid(i), f"g{i}", v[i], {"rev": 7}) for i in range(3)})
+    assert m.drain(30) and m.lag() == 0 and m.written == 3
+    m.close(10)
+    assert not m.is_alive()
+    assert qdrant_state(tmp_path / "q") == {pid(i): (f"g{i}", 7) for i in range(3)}
