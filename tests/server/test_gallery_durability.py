@@ -224,3 +224,15 @@ def test_mirror_process_outlives_a_ctrl_c_and_drains_on_close(tmp_path: Path) ->
     m.close(10)
     assert not m.is_alive()
     assert qdrant_state(tmp_path / "q") == {pid(i): (f"g{i}", 7) for i in range(3)}
+
+
+@pytest.mark.parametrize("mirror_process", [True, False], ids=["mirror-process", "mirror-thread"])
+def test_a_collection_of_another_size_is_refused_with_the_fix(tmp_path: Path, mirror_process: bool) -> None:
+    """Vectors of another model size would poison the mirror: the store refuses to open and says which
+    setting to change, the same way whether Qdrant is opened here or in the mirror's process."""
+    q = QdrantVectorStore(QdrantLocalSettings(path=str(tmp_path / "q")), dim=DIM, model_id=MODEL)
+    q.close()
+    cfg = QdrantLocalSettings(path=str(tmp_path / "q"), mirror_process=mirror_process)
+    with pytest.raises(ValueError, match=r"holds 16-d vectors but the embedder makes 8-d ones: set vectors.collection"):
+        build_vectors(cfg, 8, MODEL, source=iter(()))
+    assert len(qdrant_state_loose(tmp_path / "q")) == 0, "the folder is usable again (no process holds it)"
