@@ -231,18 +231,16 @@ class _BatchPoints:
         k = min(self._keep, upto)
         # The first few pairs one argmax each (the pair just given masked out): ~2 us a read against ~17 us for
         # a partial sort of the row.
-        given: list[tuple[int, float]] = []
         for _ in range(min(k, _ARGMAX_READS)):
             j = int(row.argmax())
             s = float(row[j])
             if s < floor:  # below the floor, or no live pair left (-inf)
                 return
-            given.append((j, s))
             row[j] = -np.inf
             yield gid_of[j], s  # type: ignore[misc]
         if k <= _ARGMAX_READS:
             return
-        left = k - len(given)
+        left = k - _ARGMAX_READS
         idx = np.argpartition(-row, left - 1)[:left] if left < upto else np.arange(upto)
         idx = idx[np.argsort(-row[idx], kind="stable")]
         for j, s in zip(idx.tolist(), row[idx].tolist(), strict=True):
@@ -439,8 +437,8 @@ class IdentityMatcher:
         self._gone_points, self._gone_identities = set(), set()
         self._vector_writes = {}
         # The batch's own points: every query's cosine to every track of the batch, kept where it could matter.
-        inside = fused[may_query] @ fused.T if may_query else None
-        self._inside = _BatchPoints(tracks, inside, may_query, floor, c * bank, self._gone_identities)
+        self._inside = _BatchPoints(tracks, fused[may_query] @ fused.T if may_query else None, may_query, floor,
+                                    c * bank, self._gone_identities)
         written: set[str] = set()  # point ids the batch has rewritten so far (tracks[:i])
         out: list[Assignment] = []
         for i, t in enumerate(tracks):

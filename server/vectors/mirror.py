@@ -154,15 +154,8 @@ def _from_columns(cols: Columns) -> dict[str, Prototype | None]:
     return out
 
 
-def _settings(cfg_json: dict[str, Any]) -> Any:
-    from server.config import QdrantLocalSettings, QdrantServerSettings
-
-    kinds = {"qdrant_local": QdrantLocalSettings, "qdrant_server": QdrantServerSettings}
-    return kinds[cfg_json["type"]].model_validate(cfg_json)
-
-
-def _serve(conn: Connection, cfg_json: dict[str, Any], dim: int, model_id: str, max_pending: int,
-           counters: Any, log_level: int) -> None:
+def _serve(conn: Connection, cfg: Any, dim: int, model_id: str, max_pending: int, counters: Any,
+           log_level: int) -> None:
     """Child: open the Qdrant store, report what it holds, then mirror submitted changes until told to close
     (or until the consumer is gone: then what is queued gets a few seconds to be written)."""
     from common.logs import setup_logging
@@ -173,7 +166,7 @@ def _serve(conn: Connection, cfg_json: dict[str, Any], dim: int, model_id: str, 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     setup_logging("reidfleet-server-mirror", logging.getLevelName(log_level))
     try:
-        inner = QdrantVectorStore(_settings(cfg_json), dim=dim, model_id=model_id)
+        inner = QdrantVectorStore(cfg, dim=dim, model_id=model_id)
         revisions = inner.revisions()
     except Exception as exc:  # a bad URL, a locked folder, a collection of another size: the consumer raises it
         conn.send(("error", type(exc).__name__, str(exc)))
@@ -204,9 +197,9 @@ def _serve(conn: Connection, cfg_json: dict[str, Any], dim: int, model_id: str, 
                 conn.send(mirror.drain(arg) if mirror.is_alive() else True)
             elif op == "close":
                 if mirror.is_alive():
-                    mirror.close(arg)
+                    mirror.close(arg)  # logs what it could not write in time
                 with contextlib.suppress(OSError, EOFError):
-                    conn.send(mirror.lag() if mirror.is_alive() else 0)
+                    conn.send(True)
                 return
     finally:
         inner.close()
@@ -229,7 +222,7 @@ class MirrorProcess:
         self._counters = ctx.Array("q", 4, lock=False)
         self._conn, child = ctx.Pipe()
         self._proc = ctx.Process(target=_serve, name="reidfleet-vector-mirror", daemon=True, args=(
-            child, cfg.model_dump(mode="json"), dim, model_id, max_pending, self._counters,
+            child, cfg, dim, model_id, max_pending, self._counters,
             logging.getLogger().getEffectiveLevel()))
         self._proc.start()
         child.close()
@@ -345,12 +338,8 @@ class MirrorProcess:
         if self._closed:
             return
         self._closed = True
-        left: Any = None
         with contextlib.suppress(MirrorDied):
-            left = self._ask(("close", timeout_s), timeout_s + 10)
-        if left:
-            log.warning("vector mirror not drained at close; it is rebuilt from SQL at the next start",
-                        extra={"points": left})
+            self._ask(("close", timeout_s), timeout_s + 10)
         self._outbox.put(None)
         self._sender.join(10)
         self._proc.join(10)
