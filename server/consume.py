@@ -50,6 +50,8 @@ from server.vectors.mirror import MirrorDied
 
 log = logging.getLogger(__name__)
 
+_REAP_POLL_S = 0.005  # Kafka poll timeout while a batch's commit is in flight (see ReidConsumer._collect)
+
 # Per batch: fetch (waiting in the Kafka client, idle time included), parse, then decode/embed/gender (the
 # prepare stage, a worker thread when overlapped), wait_prepared, match, handoff (the consumer thread waiting
 # for the previous commit and handing this batch over), vectors_store and produce (the commit).
@@ -328,8 +330,10 @@ class ReidConsumer:
                 if deadline is None:
                     # consume() waits until ``want`` messages or the timeout: waiting for the FIRST message of a
                     # batch that way added up to 0.5 s to every quiet stream's latency. poll() returns with the
-                    # first one; what is already fetched comes with it, then the batch deadline runs.
-                    first = self.consumer.poll(0.5)
+                    # first one; what is already fetched comes with it, then the batch deadline runs. While a
+                    # batch is being committed the wait is short, so the caller takes its offsets as soon as
+                    # it is durable instead of after up to 0.5 s of an idle stream.
+                    first = self.consumer.poll(0.5 if self._inflight is None else _REAP_POLL_S)
                     msgs = [first] if first is not None else []
                     if first is not None and want > 1:
                         msgs += self.consumer.consume(num_messages=want - 1, timeout=0)

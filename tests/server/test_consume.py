@@ -107,6 +107,35 @@ def test_same_person_two_cameras_one_id_others_distinct(kafka_bootstrap: str, to
     store.close()
 
 
+def test_the_last_batch_of_a_burst_has_its_offsets_stored_as_soon_as_it_is_durable(
+        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path) -> None:
+    """Once the stream goes quiet, the batch in the commit thread gets its offsets stored when its commit ends,
+    not when the next Kafka poll times out (that waited up to 0.5 s, and a crash meanwhile replayed it)."""
+    t0 = (time.time_ns() // 1000) - 60_000_000
+    frames = track_frames("dev-1", "cam-a", t0, {1: market.crops("0001", 0)}, n_frames=3)
+    produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
+    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path, batch={"max_crops": 512}))
+    assert consumer._committer is not None, "the default commits on a thread"
+    durable: list[float] = []
+    stored: list[float] = []
+    commit, store_offsets = consumer._commit, consumer._store_offsets
+
+    def timed_commit(c: object) -> None:
+        commit(c)  # type: ignore[arg-type]
+        durable.append(time.monotonic())
+
+    def timed_store(items: object) -> None:
+        stored.append(time.monotonic())
+        store_offsets(items)  # type: ignore[arg-type]
+
+    consumer._commit, consumer._store_offsets = timed_commit, timed_store  # type: ignore[method-assign]
+    run_until(consumer, lambda: len(stored) >= 1 and len(stored) == len(durable)
+              and consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    assert durable and len(stored) == len(durable)
+    delays = [s - d for s, d in zip(stored, durable, strict=True)]
+    assert max(delays) < 0.25, f"offsets stored {delays} s after the commit ended"
+
+
 def test_corrupt_messages_go_to_dlq_and_the_consumer_carries_on(kafka_bootstrap: str, topics: dict[str, str],
                                                                 market: Market, tmp_path: Path) -> None:
     t0 = (time.time_ns() // 1000) - 60_000_000
