@@ -168,7 +168,10 @@ class AvroCodec:
             record = fastavro.schemaless_reader(buf, writer, self.reader)
         except (EOFError, ValueError, IndexError, KeyError, TypeError, UnicodeDecodeError,
                 OverflowError, MemoryError, StopIteration) as exc:
-            raise CorruptPayloadError(f"Avro body does not match {writer['name']}: {exc!r}") from exc
+            # (fastavro names the buffer object in its messages: its address would make each reason unique)
+            detail = str(exc).replace(repr(buf), "the body")
+            why = f"{type(exc).__name__}: {detail}" if detail else type(exc).__name__
+            raise CorruptPayloadError(f"Avro body does not match {writer['name']}: {why}") from exc
         if buf.tell() != len(data):
             # fastavro reads short byte fields without complaint: a truncated or padded payload
             # shows up as a length mismatch, which we refuse rather than pass on half a frame.
