@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,8 +85,25 @@ class OsnetTorchEmbedder:
             {} if on_gpu and cfg.cuda_graphs else None)
         self._pool: Any = None
         self._pool_exec: ThreadPoolExecutor | None = None
+        if self._graphs is not None:
+            self._capture_graphs()
         log.info("osnet embedder ready", extra={"model_id": self.model_id, "device": str(self.device),
                                                 "dtype": str(self.dtype)})
+
+    def _capture_graphs(self) -> None:
+        """Capture the CUDA graph of every batch bucket now. Why: captured on first use, each new bucket cost a
+        warm-up and a capture in the middle of the stream; batch sizes vary with the traffic (and a batch split
+        between worker processes by messages leaves parts of every size), so the first minutes of a stream
+        paid them one by one, on the GPU's critical path."""
+        t0 = time.perf_counter()
+        cap = max(self.cfg.batch_size, GRAPH_BUCKET)
+        with torch.inference_mode():
+            for n in range(GRAPH_BUCKET, cap + GRAPH_BUCKET, GRAPH_BUCKET):
+                x = torch.zeros((min(n, cap), 3, HEIGHT, WIDTH), dtype=self.dtype, device=self.device)
+                self._graphed(x.contiguous(memory_format=self.memory_format))
+        torch.cuda.synchronize(self.device)
+        log.info("CUDA graphs captured", extra={"buckets": len(self._graphs or {}),
+                                                "seconds": round(time.perf_counter() - t0, 2)})
 
     def _forward_rgb(self, rgb_nchw: torch.Tensor) -> np.ndarray:
         """uint8/float RGB 0–255 (N,3,256,128) → (N, dim) unit float32 rows on the host."""
