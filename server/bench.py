@@ -195,6 +195,7 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
                 # to catch up once the stream was processed.
                 "mirror_lag_points_at_end": lag_at_end, "mirror_drain_s": drain_s, "mirror_drained": drained,
                 "batches": consumer.batches, "identities": consumer.matcher.gallery_size(),
+                "gpu_jpeg_fallbacks": int(consumer.metrics.gpu_decode_fallbacks._value.get()),
                 "matcher": consumer.matcher.stats, "embedder": consumer.embedder.model_id,
                 "gender": consumer.cfg.gender.mode}
 

@@ -66,6 +66,10 @@ class BatchSettings(StrictModel):
                                "a large batch is split between them. On a GPU each decodes its part's JPEGs with "
                                "nvJPEG, whose entropy decoding runs on one CPU thread per process: 2-3 workers "
                                "keep a 10k crops/s stream fed.")
+    remote_intake: bool = Field(True, description="With embed_process and gender off: the embedder processes also "
+                                "decode and check the raw messages (server/intake.py), and send back records "
+                                "without JPEG bytes; the consumer's interpreter keeps to matching. A batch then "
+                                "closes at max_crops crops as estimated from message sizes.")
 
 
 class ValidationSettings(StrictModel):

@@ -37,20 +37,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from common.configfile import ConfigError
 from common.kafka import consumer_config
 from common.service import StopSignal, allowed_cpus
-from schemas.codec import AvroCodec, CodecError
+from schemas.codec import AvroCodec
 from server import results
 from server.config import ServerConfig
 from server.embed.preprocess import CropError
 from server.identity import IdentityMatcher, TrackState, settings_for_model
+from server.intake import IntakeBatch, check_finite, crop_of, embeddable, parse_frame
 from server.sink import DeliveryFailed, Record, Result, ResultSink
 from server.store import AnalyticsStore, BatchWrite, prototype_row
-from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops, undecoded_crops
+from server.validate import DecodedCrop, InvalidFrame, decode_crops, undecoded_crops
 from server.vectors import Prototype, build_vectors
 from server.vectors.mirror import MirrorDied
 
 log = logging.getLogger(__name__)
 
 _REAP_POLL_S = 0.005  # Kafka poll timeout while a batch's commit is in flight (see ReidConsumer._collect)
+_BYTES_PER_CROP = 2_000.0  # a first guess until a batch is measured: low, so a first batch closes early, not big
 
 # Per batch: fetch (waiting in the Kafka client, idle time included), parse, then decode/embed/gender (the
 # prepare stage, a worker thread when overlapped), wait_prepared, match, handoff (the consumer thread waiting
@@ -183,6 +185,11 @@ class ReidConsumer:
         # nvJPEG path: the embedder decodes JPEG bytes on the GPU (gender needs CPU pixels, so not with it).
         self.gpu_jpeg = bool(cfg.batch.gpu_jpeg and self.gender is None
                              and getattr(self.embedder, "decodes_jpegs", False))
+        # The embedder's processes decode and check the messages too (server/intake.py): not with gender on,
+        # whose model needs the pixels here.
+        self.remote_intake = bool(cfg.batch.remote_intake and self.gender is None
+                                  and hasattr(self.embedder, "intake"))
+        self._bytes_per_crop = _BYTES_PER_CROP  # message bytes per crop, learnt from each batch (remote intake)
         threads = cfg.batch.decode_threads or allowed_cpus()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jpeg")
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") \
@@ -342,8 +349,9 @@ class ReidConsumer:
                 now_s = time.time()  # one clock read per fetch, not per message
                 t0 = time.perf_counter()
                 fetch_s += t0 - t_fetch
-                parsed = [self._parse(m, now_s) for m in msgs if self._usable(m)]
-                if parsed:
+                arrive = self._arrived if self.remote_intake else self._parse
+                parsed = [arrive(m, now_s) for m in msgs if self._usable(m)]
+                if parsed and not self.remote_intake:  # else the embedder's processes parse, and time it
                     self.metrics.stage.labels("parse").observe(time.perf_counter() - t0)
             for i, item in enumerate(parsed):
                 if items and (n_crops >= b.max_crops or len(items) >= b.max_messages):
@@ -354,6 +362,8 @@ class ReidConsumer:
                 items.append(item)
                 if item.record is not None:
                     n_crops += len(item.record["crops"])
+                elif self.remote_intake:  # not decoded yet: its crops estimated from its size
+                    n_crops += len(item.msg.value() or b"") / self._bytes_per_crop
                 if deadline is None:
                     deadline = time.monotonic() + _batch_wait_s(item.msg, b.max_wait_ms / 1000)
             # Past the deadline, keep taking what the client already holds (no waiting) until it runs dry.
@@ -377,19 +387,20 @@ class ReidConsumer:
             log.warning("consumer error: %s", err)
         return False
 
-    def _parse(self, m: Message, now_s: float) -> Item:
-        item = Item(m)
+    def _arrived(self, m: Message, now_s: float) -> Item:
+        """A message taken into a batch (decoded later: by the embedder's processes with remote intake)."""
         ts_type, ts_ms = m.timestamp()
         if ts_type != TIMESTAMP_NOT_AVAILABLE and ts_ms > 0:
             self.metrics.input_delay.observe(max(0.0, now_s - ts_ms / 1000))
-        try:
-            rec = self.codec.decode(m.value() or b"")
-            check_frame(rec, self.cfg.validation)
+        return Item(m)
+
+    def _parse(self, m: Message, now_s: float) -> Item:
+        item = self._arrived(m, now_s)
+        rec = parse_frame(self.codec, m.value(), self.cfg.validation)
+        if isinstance(rec, dict):
             item.record = rec
-        except CodecError as exc:
-            item.error = (exc.error_type, str(exc))
-        except InvalidFrame as exc:
-            item.error = (exc.error_type, exc.reason)
+        else:
+            item.error = rec
         return item
 
     # --- one batch -------------------------------------------------------------------------
@@ -400,6 +411,8 @@ class ReidConsumer:
     def prepare(self, items: Sequence[Item]) -> Prepared:
         """Decode, embed and gender of one batch: touches no matcher, store or consumer state, so it may run
         on a worker thread while the previous batch is finished."""
+        if self.remote_intake:
+            return self._prepare_remote(items)
         if self.gpu_jpeg:
             try:
                 return _finite(self._prepare_gpu(items))
@@ -455,6 +468,36 @@ class ReidConsumer:
         m.stage.labels("embed").observe(time.perf_counter() - t1)
         m.stage.labels("gender").observe(0.0)
         return Prepared(ok, todo, embs, None)
+
+    def _prepare_remote(self, items: Sequence[Item]) -> Prepared:
+        """Decode, checks and embedding all in the embedder's processes (server/intake.py); here each message
+        gets its record (crops without their JPEG bytes) or its refusal."""
+        m = self.metrics
+        values = [it.msg.value() for it in items]
+        res: IntakeBatch = self.embedder.intake(values, self.cfg.validation, self.cfg.identity.min_crop_quality)
+        for it, rec in zip(items, res.records, strict=True):
+            if isinstance(rec, dict):
+                it.record = rec
+            else:
+                it.error = rec
+        ok = [it for it in items if it.record is not None]
+        q = self.cfg.identity.min_crop_quality
+        todo = [(i, crop_of(c)) for i, it in enumerate(ok) for c in embeddable(it.record, q)]  # type: ignore[arg-type]
+        if len(todo) != len(res.embs):
+            raise RuntimeError(f"embedder processes returned {len(res.embs)} vectors for {len(todo)} crops")
+        if res.fallback:
+            log.warning("GPU JPEG decode failed, batch redone on the CPU path in the embedder processes")
+            m.gpu_decode_fallbacks.inc()
+        n_crops = sum(len(it.record["crops"]) for it in ok)  # type: ignore[index]
+        if n_crops:  # the next batches' size estimate: bytes per crop of this batch's good messages, smoothed
+            n_bytes = sum(len(v or b"") for v, it in zip(values, items, strict=True) if it.record is not None)
+            seen, old = n_bytes / n_crops, self._bytes_per_crop
+            self._bytes_per_crop = max(256.0, 0.5 * (old + seen) if 0.5 < seen / old < 2 else seen)
+        m.stage.labels("parse").observe(res.parse_s)
+        m.stage.labels("decode").observe(0.0)
+        m.stage.labels("embed").observe(res.embed_s)
+        m.stage.labels("gender").observe(0.0)
+        return Prepared(ok, todo, res.embs, None)
 
     def _todo(self, ok: list[Item]) -> list[tuple[int, DecodedCrop]]:
         """(item index, crop) of every crop good enough to embed."""
@@ -684,18 +727,10 @@ class ReidConsumer:
             log.debug("lag refresh failed: %s", exc)
 
 
-class NonFiniteEmbedding(CropError):
-    """The embedder returned NaN or infinite values: a fault of the model or device, never of the crops."""
-
-
 def _finite(prep: Prepared) -> Prepared:
-    """A vector with NaN or inf would match nothing and poison the gallery and its durable copy: refuse it.
-    On the GPU JPEG path this redoes the batch on the CPU decode path; on that path the batch fails and is
-    redelivered (nothing stored, offsets not committed)."""
-    if len(prep.embs) and not np.isfinite(prep.embs).all():
-        bad = np.flatnonzero(~np.isfinite(prep.embs).all(axis=1))
-        raise NonFiniteEmbedding(f"embedder returned non-finite vectors for {len(bad)} of {len(prep.embs)} crops "
-                                 f"(first: crop {int(bad[0])})")
+    """A non-finite vector (:func:`server.intake.check_finite`) on the GPU JPEG path redoes the batch on the CPU
+    decode path; on that path the batch fails and is redelivered (nothing stored, offsets not committed)."""
+    check_finite(prep.embs)
     return prep
 
 

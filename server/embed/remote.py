@@ -25,7 +25,9 @@ from typing import Any
 
 import numpy as np
 
+from schemas.codec import AvroCodec
 from server.embed.preprocess import CropError
+from server.intake import IntakeBatch, NonFiniteEmbedding, intake
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +49,21 @@ def _serve(conn: Connection, cfg: Any, assets: str | None) -> None:
     except Exception as exc:  # a bad config or weights: the parent raises it with the message
         conn.send(("error", (type(exc).__name__, str(exc))))
         return
+    codec: AvroCodec | None = None
     while True:
         try:
-            op, payload = conn.recv()
+            op, payload, extra = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            out = emb.embed_jpegs(payload) if op == "jpegs" else emb.embed(payload)  # type: ignore[attr-defined]
+            if op == "intake":
+                codec = codec or AvroCodec("edge_frame")
+                out = intake(emb, codec, payload, *extra)
+            else:
+                out = emb.embed_jpegs(payload) if op == "jpegs" else emb.embed(payload)  # type: ignore[attr-defined]
             conn.send(("ok", out))
+        except NonFiniteEmbedding as exc:
+            conn.send(("nonfinite", str(exc)))
         except CropError as exc:
             conn.send(("crop", str(exc)))
         except Exception as exc:
@@ -63,6 +72,7 @@ def _serve(conn: Connection, cfg: Any, assets: str | None) -> None:
 
 _CROP_INDEX = re.compile(r"^crop (\d+)")
 MIN_PART = 256  # crops per worker below which a batch is not split (a part's fixed cost is ~1 ms)
+MIN_INTAKE_PART = 64  # messages per worker below which an intake batch is not split
 
 
 class _Worker:
@@ -137,19 +147,20 @@ class RemoteEmbedder:
             raise
         return info
 
-    def _call(self, op: str, payload: Sequence[Any]) -> np.ndarray:
+    def _call(self, op: str, payload: Sequence[Any], extra: Any = None, min_part: int | None = None) -> list[Any]:
+        """Each worker's answer for its contiguous part of ``payload``, in order."""
         with self._lock:
             dead = [i for i, w in enumerate(self._workers) if w is None or not w.alive()]
             if dead:
                 self._restart(dead)
-            n_parts = max(1, min(len(self._workers), len(payload) // self._min_part))
+            n_parts = max(1, min(len(self._workers), len(payload) // (min_part or self._min_part)))
             bounds = [len(payload) * k // n_parts for k in range(n_parts + 1)]
             used = self._workers[:n_parts]
             sent = []
             for w, lo, hi in zip(used, bounds, bounds[1:], strict=False):
                 assert w is not None
                 try:
-                    w.conn.send((op, list(payload[lo:hi])))
+                    w.conn.send((op, list(payload[lo:hi]), extra))
                     sent.append((w, lo))
                 except (EOFError, OSError) as exc:
                     self._died(w, exc, sent)
@@ -159,13 +170,19 @@ class RemoteEmbedder:
                     replies.append((w.conn.recv(), lo))  # blocks in C, GIL released
                 except (EOFError, OSError) as exc:  # the child is gone (a payload that does not pickle raises as is)
                     self._died(w, exc, sent[len(replies) + 1:])
-        out: list[np.ndarray] = []
+        out: list[Any] = []
         for (kind, res), lo in replies:
+            if kind == "nonfinite":
+                raise NonFiniteEmbedding(res)
             if kind == "crop":
                 raise CropError(_CROP_INDEX.sub(lambda m, lo=lo: f"crop {int(m.group(1)) + lo}", res))
             if kind != "ok":
                 raise RuntimeError(f"embedder process failed: {res[0]}: {res[1]}")
             out.append(res)
+        return out
+
+    def _vectors(self, op: str, payload: Sequence[Any]) -> np.ndarray:
+        out = self._call(op, payload)
         return out[0] if len(out) == 1 else np.concatenate(out)
 
     def _died(self, w: _Worker, exc: BaseException, others: Sequence[tuple[_Worker, int]]) -> None:
@@ -193,12 +210,19 @@ class RemoteEmbedder:
     def embed(self, crops_bgr: Sequence[np.ndarray]) -> np.ndarray:
         if not len(crops_bgr):
             return np.zeros((0, self.dim), np.float32)
-        return self._call("crops", crops_bgr)
+        return self._vectors("crops", crops_bgr)
 
     def embed_jpegs(self, jpegs: Sequence[bytes]) -> np.ndarray:
         if not len(jpegs):
             return np.zeros((0, self.dim), np.float32)
-        return self._call("jpegs", jpegs)
+        return self._vectors("jpegs", jpegs)
+
+    def intake(self, values: Sequence[bytes | None], validation: Any, min_quality: float) -> IntakeBatch:
+        """Raw edge-frame messages decoded, checked and their crops embedded in the workers
+        (:func:`server.intake.intake`), a contiguous part each; the parts' answers in message order."""
+        if not len(values):
+            return IntakeBatch([], np.zeros((0, self.dim), np.float32), False, 0.0, 0.0)
+        return IntakeBatch.join(self._call("intake", values, (validation, min_quality), MIN_INTAKE_PART), self.dim)
 
     @property
     def pid(self) -> int | None:

@@ -55,19 +55,23 @@ def run_until(consumer: ReidConsumer, done: callable, timeout_s: float = 120.0) 
     assert not th.is_alive()
 
 
-@pytest.mark.parametrize("processes", [False, True], ids=["in_process", "embed_and_commit_processes"])
+@pytest.mark.parametrize(("processes", "gender"), [(False, "soft"), (True, "soft"), (True, "off")],
+                         ids=["in_process", "embed_and_commit_processes", "remote_intake"])
 def test_same_person_two_cameras_one_id_others_distinct(kafka_bootstrap: str, topics: dict[str, str],
-                                                         market: Market, tmp_path: Path, processes: bool) -> None:
+                                                         market: Market, tmp_path: Path, processes: bool,
+                                                         gender: str) -> None:
     t0 = (time.time_ns() // 1000) - 120_000_000
     cam_a = track_frames("dev-1", "cam-a", t0, {1: market.crops("0001", 0), 2: market.crops("0004", 0)})
     cam_b = track_frames("dev-2", "cam-b", t0 + 10_000_000, {7: market.crops("0001", 1), 8: market.crops("0005", 1)})
     frames = cam_a + cam_b
     produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
 
-    cfg = server_config(kafka_bootstrap, topics, tmp_path)
+    cfg = server_config(kafka_bootstrap, topics, tmp_path, gender={"mode": gender})
     cfg = cfg.model_copy(update={"batch": cfg.batch.model_copy(update={
         "embed_process": processes, "overlap": processes, "commit_process": processes})})
     consumer = ReidConsumer(cfg)
+    # Messages are decoded in the embedder's processes only when no gender model needs their pixels here.
+    assert consumer.remote_intake == (processes and gender == "off")
     if processes:
         from server.embed.remote import RemoteEmbedder
 
@@ -136,8 +140,37 @@ def test_the_last_batch_of_a_burst_has_its_offsets_stored_as_soon_as_it_is_durab
     assert max(delays) < 0.25, f"offsets stored {delays} s after the commit ended"
 
 
+def test_remote_intake_sizes_batches_from_message_bytes(kafka_bootstrap: str, topics: dict[str, str],
+                                                         market: Market, tmp_path: Path) -> None:
+    """Undecoded messages are counted by their size: after the first batch has taught the consumer the bytes per
+    crop, batches close near ``max_crops`` (the GPU batch), and every crop is still embedded once."""
+    t0 = (time.time_ns() // 1000) - 60_000_000
+    crops = market.crops("0001", 0, 3) + market.crops("0004", 0, 3)
+    frames = [edge_frame("dev-1", "cam-a", f, t0 + f * 100_000,
+                         [Box(10 * f + s, (10 + 150 * s, 10, 74 + 150 * s, 138), crop_jpeg=crops[(f + s) % 6])
+                          for s in range(2)]) for f in range(60)]
+    produce(kafka_bootstrap, topics["reid_input"], [(b"dev-1", EDGE.encode(f)) for f in frames])
+    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path, gender={"mode": "off"},
+                                          batch={"embed_process": True, "max_crops": 16, "max_wait_ms": 2000}))
+    assert consumer.remote_intake
+    consumer._bytes_per_crop = 100.0  # a first guess far off (a batch of one message): the first batch corrects it
+    sizes: list[int] = []
+    finish = consumer.finish
+
+    def counted(items: object, prep: object) -> None:
+        sizes.append(len(prep.todo))  # type: ignore[attr-defined]
+        finish(items, prep)  # type: ignore[arg-type]
+
+    consumer.finish = counted  # type: ignore[method-assign]
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    assert sum(sizes) == 2 * len(frames)
+    assert len(sizes) >= 4 and all(10 <= n <= 24 for n in sizes[1:-1]), sizes  # 16 +- 50 %
+
+
+@pytest.mark.parametrize("remote_intake", [False, True], ids=["in_process", "remote_intake"])
 def test_corrupt_messages_go_to_dlq_and_the_consumer_carries_on(kafka_bootstrap: str, topics: dict[str, str],
-                                                                market: Market, tmp_path: Path) -> None:
+                                                                market: Market, tmp_path: Path,
+                                                                remote_intake: bool) -> None:
     t0 = (time.time_ns() // 1000) - 60_000_000
     good = edge_frame("dev-1", "cam-a", 0, t0, [Box(1, (10, 10, 74, 138), crop_jpeg=market.crops("0003", 0, 1)[0])])
     nan_box = edge_frame("dev-1", "cam-a", 1, t0 + 1, [Box(1, (math.nan, 10, 74, 138))])
@@ -149,7 +182,9 @@ def test_corrupt_messages_go_to_dlq_and_the_consumer_carries_on(kafka_bootstrap:
                EDGE.encode(bad_jpeg), EDGE.encode(good)[:-7], EDGE.encode(future), EDGE.encode(good2)]
     produce(kafka_bootstrap, topics["reid_input"], [(b"dev-1", v) for v in encoded])
 
-    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path, gender={"mode": "off"}))
+    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path, gender={"mode": "off"},
+                                          batch={"embed_process": remote_intake, "embed_workers": 2}))
+    assert consumer.remote_intake == remote_intake
     run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get()
               + consumer.metrics.messages.labels("dlq")._value.get() >= len(encoded))
     dead = [DLQ.decode(v) for v in read_all(kafka_bootstrap, topics["reid_dlq"], 6)]
