@@ -54,9 +54,10 @@ log = logging.getLogger(__name__)
 _REAP_POLL_S = 0.005  # Kafka poll timeout while a batch's commit is in flight (see ReidConsumer._collect)
 _BYTES_PER_CROP = 2_000.0  # a first guess until a batch is measured: low, so a first batch closes early, not big
 
-# Per batch: fetch (waiting in the Kafka client, idle time included), parse, then decode/embed/gender (the
-# prepare stage, a worker thread when overlapped), wait_prepared, match, handoff (the consumer thread waiting
-# for the previous commit and handing this batch over), vectors_store and produce (the commit).
+# Per batch: fetch (waiting in the Kafka client, idle time included), parse (with remote intake: in the
+# embedder's processes, their slowest part), then decode/embed/gender (the prepare stage, a worker thread when
+# overlapped), wait_prepared, match, handoff (the consumer thread waiting for the previous commit and handing
+# this batch over), vectors_store and produce (the commit).
 _STAGES = ("fetch", "parse", "decode", "embed", "gender", "wait_prepared", "match", "handoff", "vectors_store",
            "produce")
 

@@ -74,12 +74,13 @@ class IntakeBatch:
     @staticmethod
     def join(parts: Sequence[IntakeBatch], dim: int) -> IntakeBatch:
         """Consecutive parts (one per worker) as one batch; the slowest part's times."""
+        if not parts:
+            return IntakeBatch([], np.zeros((0, dim), np.float32), False, 0.0, 0.0)
         if len(parts) == 1:
             return parts[0]
-        return IntakeBatch([r for p in parts for r in p.records],
-                           np.concatenate([p.embs for p in parts]) if parts else np.zeros((0, dim), np.float32),
-                           any(p.fallback for p in parts), max((p.parse_s for p in parts), default=0.0),
-                           max((p.embed_s for p in parts), default=0.0))
+        return IntakeBatch([r for p in parts for r in p.records], np.concatenate([p.embs for p in parts]),
+                           any(p.fallback for p in parts), max(p.parse_s for p in parts),
+                           max(p.embed_s for p in parts))
 
 
 def intake(embedder: Any, codec: AvroCodec, values: Sequence[bytes | None], validation: ValidationSettings,

@@ -6,6 +6,9 @@ the embedding stage ran at ~2.9k crops/s beside the matcher against ~19k/s alone
 CUDA context and the model; the consumer sends it a batch's JPEG bytes (or decoded crops) through a pipe
 and waits for the vectors with the GIL released, so the matcher keeps the interpreter to itself.
 
+With ``batch.remote_intake`` the children take the raw edge-frame messages instead of crops and decode, check
+and embed them (:func:`server.intake.intake`), so the consumer's interpreter does not decode Avro either.
+
 The child is started with ``spawn`` (CUDA cannot be forked), builds the embedder from the same config,
 and answers one request at a time, in order. Errors come back by kind: a crop the model cannot take
 raises :class:`~server.embed.preprocess.CropError` here as there (the consumer redoes that batch on its
@@ -221,7 +224,7 @@ class RemoteEmbedder:
         """Raw edge-frame messages decoded, checked and their crops embedded in the workers
         (:func:`server.intake.intake`), a contiguous part each; the parts' answers in message order."""
         if not len(values):
-            return IntakeBatch([], np.zeros((0, self.dim), np.float32), False, 0.0, 0.0)
+            return IntakeBatch.join([], self.dim)
         return IntakeBatch.join(self._call("intake", values, (validation, min_quality), MIN_INTAKE_PART), self.dim)
 
     @property
