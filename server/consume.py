@@ -42,10 +42,10 @@ from server import results
 from server.config import ServerConfig
 from server.embed.preprocess import CropError
 from server.identity import IdentityMatcher, TrackState, settings_for_model
-from server.intake import IntakeBatch, check_finite, crop_of, embeddable, parse_frame
+from server.intake import IntakeBatch, Refusal, check_finite, embeddable, parse_frame
 from server.sink import DeliveryFailed, Record, Result, ResultSink
 from server.store import AnalyticsStore, BatchWrite, prototype_row
-from server.validate import DecodedCrop, InvalidFrame, decode_crops, undecoded_crops
+from server.validate import DecodedCrop, InvalidFrame, crop_of, decode_crops, undecoded_crops
 from server.vectors import Prototype, build_vectors
 from server.vectors.mirror import MirrorDied
 
@@ -102,6 +102,13 @@ class Item:
     record: dict[str, Any] | None = None
     crops: list[DecodedCrop] = field(default_factory=list)
     error: tuple[str, str] | None = None  # (error_type, reason) → dead letter
+
+    def parsed(self, rec: dict[str, Any] | Refusal) -> None:
+        """Take a :func:`server.intake.parse_frame` answer: the record, or the refusal as the error."""
+        if isinstance(rec, dict):
+            self.record = rec
+        else:
+            self.error = rec
 
 
 @dataclass
@@ -397,11 +404,7 @@ class ReidConsumer:
 
     def _parse(self, m: Message, now_s: float) -> Item:
         item = self._arrived(m, now_s)
-        rec = parse_frame(self.codec, m.value(), self.cfg.validation)
-        if isinstance(rec, dict):
-            item.record = rec
-        else:
-            item.error = rec
+        item.parsed(parse_frame(self.codec, m.value(), self.cfg.validation))
         return item
 
     # --- one batch -------------------------------------------------------------------------
@@ -477,10 +480,7 @@ class ReidConsumer:
         values = [it.msg.value() for it in items]
         res: IntakeBatch = self.embedder.intake(values, self.cfg.validation, self.cfg.identity.min_crop_quality)
         for it, rec in zip(items, res.records, strict=True):
-            if isinstance(rec, dict):
-                it.record = rec
-            else:
-                it.error = rec
+            it.parsed(rec)
         ok = [it for it in items if it.record is not None]
         q = self.cfg.identity.min_crop_quality
         todo = [(i, crop_of(c)) for i, it in enumerate(ok) for c in embeddable(it.record, q)]  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ import numpy as np
 from schemas.codec import AvroCodec, CodecError
 from server.config import ValidationSettings
 from server.embed.preprocess import CropError
-from server.validate import DecodedCrop, InvalidFrame, check_frame, decode_crops, undecoded_crops
+from server.validate import InvalidFrame, check_frame, decode_crops, undecoded_crops
 
 Refusal = tuple[str, str]  # (error_type, reason): the message goes to the dead-letter topic
 
@@ -53,12 +53,6 @@ def parse_frame(codec: AvroCodec, value: bytes | None, validation: ValidationSet
 def embeddable(rec: dict[str, Any], min_quality: float) -> list[dict[str, Any]]:
     """The crops of a record good enough to embed, in order (the intake and the consumer agree on this)."""
     return [c for c in rec["crops"] if c["quality"] >= min_quality]
-
-
-def crop_of(c: dict[str, Any]) -> DecodedCrop:
-    """A record's crop as the matcher takes it (no pixels, no bytes)."""
-    return DecodedCrop(int(c["track_id"]), None, float(c["quality"]), float(c["score"]),
-                       (c["x1"], c["y1"], c["x2"], c["y2"]), str(c["reason"]))
 
 
 @dataclass

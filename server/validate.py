@@ -115,6 +115,12 @@ class DecodedCrop:
     jpeg: bytes = b""
 
 
+def crop_of(c: dict[str, Any], image_bgr: np.ndarray | None = None, jpeg: bytes = b"") -> DecodedCrop:
+    """A record's crop (a ``crops`` entry of an edge frame) as the matcher and embedders take it."""
+    return DecodedCrop(int(c["track_id"]), image_bgr, float(c["quality"]), float(c["score"]),
+                       (c["x1"], c["y1"], c["x2"], c["y2"]), str(c["reason"]), jpeg)
+
+
 _SOF = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
 
 
@@ -165,8 +171,7 @@ def undecoded_crops(rec: dict[str, Any], cfg: ValidationSettings) -> list[Decode
             raise InvalidFrame("bad_jpeg", f"crops[{i}] (track {c['track_id']}): {len(c['jpeg'])} bytes are not a "
                                "JPEG with a readable frame header")
         _check_size(i, c, size[0], size[1], w, h, cfg)
-        out.append(DecodedCrop(int(c["track_id"]), None, float(c["quality"]), float(c["score"]),
-                               (c["x1"], c["y1"], c["x2"], c["y2"]), str(c["reason"]), c["jpeg"]))
+        out.append(crop_of(c, jpeg=c["jpeg"]))
     return out
 
 
@@ -183,6 +188,5 @@ def decode_crops(rec: dict[str, Any], cfg: ValidationSettings) -> list[DecodedCr
                                "as an image")
         ih, iw = img.shape[:2]
         _check_size(i, c, iw, ih, w, h, cfg)
-        out.append(DecodedCrop(int(c["track_id"]), img, float(c["quality"]), float(c["score"]),
-                               (c["x1"], c["y1"], c["x2"], c["y2"]), str(c["reason"])))
+        out.append(crop_of(c, img))
     return out

@@ -102,7 +102,7 @@ class OsnetTorchEmbedder:
                 x = torch.zeros((min(n, cap), 3, HEIGHT, WIDTH), dtype=self.dtype, device=self.device)
                 self._graphed(x.contiguous(memory_format=self.memory_format))
         torch.cuda.synchronize(self.device)
-        log.info("CUDA graphs captured", extra={"buckets": len(self._graphs or {}),
+        log.info("CUDA graphs captured", extra={"buckets": len(self._graphs),  # type: ignore[arg-type]
                                                 "seconds": round(time.perf_counter() - t0, 2)})
 
     def _forward_rgb(self, rgb_nchw: torch.Tensor) -> np.ndarray:
