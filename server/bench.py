@@ -158,14 +158,26 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         # The warmed-up embedder of the stage benchmark: a first inference's compile cost is not throughput.
         consumer = ReidConsumer(ServerConfig.model_validate(data), embedder=embedder, gender=gender)
         first: list[float] = []
-        inner = consumer.prepare  # the first stage of every batch, overlapped or not
+        inner, finish = consumer.prepare, consumer.finish  # the two halves of every batch, overlapped or not
+        # Wall and CPU seconds of each half on its own thread: CPU well below wall means the thread waited (for the
+        # GIL, for a core), not that its own code was slow.
+        clocks = {"prepare_wall_s": 0.0, "prepare_cpu_s": 0.0, "finish_wall_s": 0.0, "finish_cpu_s": 0.0}
+
+        def clocked(name: str, fn: Any, *args: Any) -> Any:
+            w, c = time.perf_counter(), time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                clocks[f"{name}_wall_s"] += time.perf_counter() - w
+                clocks[f"{name}_cpu_s"] += time.thread_time() - c
 
         def timed(items: Any) -> Any:
             if not first:
                 first.append(time.perf_counter())
-            return inner(items)
+            return clocked("prepare", inner, items)
 
         consumer.prepare = timed  # type: ignore[method-assign]
+        consumer.finish = lambda items, prep: clocked("finish", finish, items, prep)  # type: ignore[method-assign]
         th = threading.Thread(target=consumer.run, daemon=True)
         th.start()
         ok = consumer.metrics.messages.labels("ok")
@@ -189,6 +201,7 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         host = sum(v for k, v in stages.items() if k not in ("embed", "gender", "wait_prepared"))
         return {"crops": n_crops, "frames": len(frames), "seconds": end - first[0],
                 "crops_s": n_crops / (end - first[0]), "stage_seconds": stages,
+                "thread_seconds": {k: round(v, 3) for k, v in clocks.items()},
                 # Ceiling of the whole consumer if the models cost nothing (a GPU box): the host-side stages.
                 "host_stage_crops_s": n_crops / host if host else float("inf"),
                 # The Qdrant mirror trails the SQL copy (server/vectors/memory.py): how far, and how long it took
@@ -321,6 +334,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(with --embed-process)")
     ap.add_argument("--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval for this run "
                     "(0: Python's default, 5 ms)")
+    ap.add_argument("--jpeg-decoder", choices=["cpu", "nvjpeg"], help="osnet_torch's jpeg_decoder (default: the "
+                    "config's)")
+    ap.add_argument("--commit-queue", type=int, default=2, help="batch.commit_queue: batches handed to the commit "
+                    "stage before the consumer waits for the oldest")
     ap.add_argument("--commit-process", action="store_true", help="batch.commit_process: SQL commit and reid_output "
                     "in a child process")
     a = ap.parse_args(argv)
@@ -347,7 +364,10 @@ def main(argv: list[str] | None = None) -> int:
             res["gpu"] = torch.cuda.get_device_name(0)
     except ImportError:
         pass
-    embedder = build_embedder({"type": a.embedder}, assets=a.assets)
+    emb_cfg: dict[str, Any] = {"type": a.embedder}
+    if a.jpeg_decoder:
+        emb_cfg["jpeg_decoder"] = a.jpeg_decoder
+    embedder = build_embedder(emb_cfg, assets=a.assets)
     res["embedder"] = embedder.model_id
     n_stage = min(len(images), 4096 if "gpu" in res else 256)
     res["embed_crops_s"], res["embed_crops_s_part_by_part"] = bench_embed(
@@ -368,15 +388,15 @@ def main(argv: list[str] | None = None) -> int:
 
         gender = build_gender(IntelGenderConfig(), assets=a.assets)
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = {"embedder": {"type": a.embedder}, "gender": {"mode": a.gender}, "assets": a.assets,
+        cfg = {"embedder": emb_cfg, "gender": {"mode": a.gender}, "assets": a.assets,
                "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50, "overlap": not a.no_overlap,
                          "embed_process": a.embed_process, "embed_workers": a.embed_workers,
-                         "commit_process": a.commit_process}}
+                         "commit_process": a.commit_process, "commit_queue": a.commit_queue}}
         consumer_embedder = embedder
         if a.embed_process:
             from server.embed.remote import RemoteEmbedder
 
-            consumer_embedder = RemoteEmbedder({"type": a.embedder}, assets=a.assets, workers=a.embed_workers)
+            consumer_embedder = RemoteEmbedder(emb_cfg, assets=a.assets, workers=a.embed_workers)
             warm = [j for _, j in jpegs[:a.batch_crops]]  # compile/graph capture is not throughput
             if consumer_embedder.decodes_jpegs:
                 consumer_embedder.embed_jpegs(warm)
@@ -391,8 +411,8 @@ def main(argv: list[str] | None = None) -> int:
             consumer_embedder.embed(images[:a.batch_crops])
         res["pipeline"] = bench_pipeline(cfg, jpegs, Path(tmp) / "real", consumer_embedder, gender, n_crops=a.crops,
                                          vectors=a.vectors)
-        print(f"  whole consumer: {res['pipeline']['crops_s']:.0f} crops/s, stages {res['pipeline']['stage_seconds']}",
-              flush=True)
+        print(f"  whole consumer: {res['pipeline']['crops_s']:.0f} crops/s, stages {res['pipeline']['stage_seconds']}, "
+              f"threads {res['pipeline']['thread_seconds']}", flush=True)
         save()
         if a.host_crops:
             replay = ReplayModels(embedder, gender)

@@ -52,6 +52,10 @@ class BatchSettings(StrictModel):
     pipelined_commit: bool = Field(True, description="Commit a batch (SQL, Qdrant mirror hand-off, reid_output) on "
                                    "a writer thread while the next batch is collected and matched; offsets are still "
                                    "stored strictly in order and only after their batch committed.")
+    commit_queue: int = Field(2, ge=1, le=8, description="Batches handed to the commit stage (the commit process "
+                              "or thread) before the consumer waits for the oldest to be durable. Above 1 the "
+                              "matcher does not stall on one slow commit (an fsync, a broker ack); a batch after a "
+                              "failed one is never committed, and offsets are still stored strictly in order.")
     gpu_jpeg: bool = Field(True, description="When the embedder runs on CUDA with nvJPEG and gender is off, hand "
                            "it the JPEG bytes (decoded and resized on the GPU) instead of decoding on the CPU; "
                            "a batch with a crop nvJPEG rejects is redone on the CPU path.")

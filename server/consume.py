@@ -202,7 +202,9 @@ class ReidConsumer:
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jpeg")
         self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") \
             if cfg.batch.pipelined_commit and self._writer is None else None
-        self._inflight: tuple[Sequence[Item], Future[None] | Commit] | None = None
+        # Batches handed to the commit stage and not yet durable, oldest first (at most ``batch.commit_queue``).
+        self._inflight: collections.deque[tuple[Sequence[Item], Future[None] | Commit]] = collections.deque()
+        self._commit_failed: str | None = None  # the commit thread's first failure: later batches are refused
         self._pending: collections.deque[Item] = collections.deque()
         self._assigned: list[TopicPartition] = []
         self.last_loop_at = time.monotonic()
@@ -251,7 +253,7 @@ class ReidConsumer:
 
     def _on_revoke(self, _c: Consumer, parts: list[TopicPartition]) -> None:
         log.info("partitions revoked", extra={"partitions": [p.partition for p in parts]})
-        self.await_commit()  # store the in-flight batch's offsets while the partitions are still ours
+        self.await_commit()  # store the in-flight batches' offsets while the partitions are still ours
         # Messages of revoked partitions not yet processed belong to their next owner now.
         revoked = {(p.topic, p.partition) for p in parts}
         self._pending = collections.deque(it for it in self._pending
@@ -309,7 +311,7 @@ class ReidConsumer:
 
     def close(self) -> None:
         try:
-            self.await_commit()  # the last batch's offsets, if its commit succeeds
+            self.await_commit()  # the last batches' offsets, if their commits succeed
         except Exception as exc:  # its batch is simply redelivered
             log.warning("last batch did not commit, it will be redelivered: %s", exc)
         if self._committer is not None:
@@ -348,7 +350,7 @@ class ReidConsumer:
                     # first one; what is already fetched comes with it, then the batch deadline runs. While a
                     # batch is being committed the wait is short, so the caller takes its offsets as soon as
                     # it is durable instead of after up to 0.5 s of an idle stream.
-                    first = self.consumer.poll(0.5 if self._inflight is None else _REAP_POLL_S)
+                    first = self.consumer.poll(_REAP_POLL_S if self._inflight else 0.5)
                     msgs = [first] if first is not None else []
                     if first is not None and want > 1:
                         msgs += self.consumer.consume(num_messages=want - 1, timeout=0)
@@ -548,48 +550,66 @@ class ReidConsumer:
         m.stage.labels("match").observe(t4 - t3)
         work = Commit(items, ok, len(todo), batch, outputs, [it for it in items if it.error is not None],
                       self.vectors.take_changes())
-        if self._writer is not None:
-            self.await_commit()
-            self._writer.submit(work.batch, work.outputs, self._dead_letters(work.dead))
-            self._inflight = (items, work)
-            m.stage.labels("handoff").observe(time.perf_counter() - t4)
-            return
-        if self._committer is None:
+        if self._writer is None and self._committer is None:
             self._commit(work)
             self._store_offsets(items)
             return
-        # Pipelined: this batch's SQL commit, mirror hand-off and produce run on the commit thread while the
-        # next batch is collected and matched here. One commit in flight at a time, strictly in order, and
-        # offsets are stored here only once their batch's commit has finished.
-        self.await_commit()
-        self._inflight = (items, self._committer.submit(self._commit, work))
+        # Pipelined: this batch's SQL commit, mirror hand-off and produce run in the commit process (or on the
+        # commit thread) while the next batches are collected and matched here. Up to ``batch.commit_queue``
+        # batches wait there, committed strictly in order; offsets are stored here only once their batch is
+        # durable, and a batch after a failed one is never committed (see :meth:`await_commit`).
+        while len(self._inflight) >= self.cfg.batch.commit_queue:
+            self._await_oldest()
+        if self._writer is not None:
+            self._writer.submit(work.batch, work.outputs, self._dead_letters(work.dead))
+            self._inflight.append((items, work))
+        else:
+            self._inflight.append((items, self._committer.submit(self._commit_in_order, work)))  # type: ignore[union-attr]
         m.stage.labels("handoff").observe(time.perf_counter() - t4)
 
     def _reap_commit(self) -> None:
-        """Account for the batch being committed and store its offsets as soon as it is durable, instead of
-        when the next batch needs the writer (a quiet stream's last batch would otherwise wait for traffic)."""
-        if self._inflight is None:
-            return
-        pending = self._inflight[1]
-        if self._writer.ready() if isinstance(pending, Commit) else pending.done():
-            self.await_commit()
+        """Account for the batches being committed and store their offsets as soon as they are durable, instead
+        of when the next batch needs room (a quiet stream's last batch would otherwise wait for traffic)."""
+        while self._inflight:
+            pending = self._inflight[0][1]
+            if not (self._writer.ready() if isinstance(pending, Commit) else pending.done()):
+                return
+            self._await_oldest()
 
     def await_commit(self) -> None:
-        """Wait for the batch being committed, then store its offsets (a failed commit raises here and its
-        offsets are never stored: the batch is redelivered and rewritten idempotently)."""
-        if self._inflight is None:
-            return
-        items, pending = self._inflight
-        self._inflight = None
-        if isinstance(pending, Commit):  # in the commit process
-            sql_s, produce_s = self._writer.result(self.stop.is_set)
-            self.vectors.submit_changes(pending.vector_changes)  # SQL committed: the mirror may follow
-            self.metrics.stage.labels("vectors_store").observe(sql_s)
-            self.metrics.stage.labels("produce").observe(produce_s)
-            self._account(pending)
-        else:
-            pending.result()
+        """Wait for every batch being committed, oldest first, storing each one's offsets once it is durable. A
+        failed commit raises here and neither its offsets nor any later batch's are stored: they are redelivered
+        and rewritten idempotently. (The later batches are not committed either: their rows may build on the
+        failed batch's, e.g. an identity it created.)"""
+        while self._inflight:
+            self._await_oldest()
+
+    def _await_oldest(self) -> None:
+        items, pending = self._inflight.popleft()
+        try:
+            if isinstance(pending, Commit):  # in the commit process
+                sql_s, produce_s = self._writer.result(self.stop.is_set)
+                self.vectors.submit_changes(pending.vector_changes)  # SQL committed: the mirror may follow
+                self.metrics.stage.labels("vectors_store").observe(sql_s)
+                self.metrics.stage.labels("produce").observe(produce_s)
+                self._account(pending)
+            else:
+                pending.result()
+        except BaseException:
+            self._inflight.clear()  # abandoned: never their offsets (the consumer restarts from the committed ones)
+            raise
         self._store_offsets(items)
+
+    def _commit_in_order(self, c: Commit) -> None:
+        """The commit thread's job: :meth:`_commit`, unless an earlier batch's commit failed (this batch's rows
+        may build on that one's, so it waits for the redelivery of both)."""
+        if self._commit_failed is not None:
+            raise RuntimeError(f"not committed: an earlier batch's commit failed ({self._commit_failed})")
+        try:
+            self._commit(c)
+        except BaseException as exc:
+            self._commit_failed = f"{type(exc).__name__}: {exc}"[:300]
+            raise
 
     def _commit(self, c: Commit) -> None:
         """Store, mirror, produce (then the caller stores offsets): the durable half of a batch."""

@@ -191,3 +191,65 @@ def test_a_child_process_killed_mid_stream_is_replaced_and_loses_nothing(
     run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
     assert len(crashed["tracks"]) == n_tracks and all(t[3] is not None and t[6] for t in crashed["tracks"])
     assert crashed == snapshot(clean_cfg.store.url)
+
+
+def test_a_failed_commit_refuses_the_batches_queued_behind_it_and_a_restart_ends_as_a_clean_run(
+        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path) -> None:
+    """The writer thread's third SQL transaction fails (slowly, so the next batch is already queued behind it,
+    batch.commit_queue 2): that queued batch must not be written (its rows may build on the failed one's), the
+    consumer stops with the error and none of the two batches' offsets are stored; a fresh consumer then ends
+    with exactly what an uninterrupted run leaves."""
+    import threading
+
+    frames = stream(market)
+    produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
+    n_tracks = 20
+    (tmp_path / "fail").mkdir()
+    cfg = server_config(kafka_bootstrap, topics, tmp_path / "fail",
+                        batch={"max_crops": 4, "max_wait_ms": 20, "commit_queue": 2})
+    consumer = ReidConsumer(cfg)
+    writes: list[str] = []
+    real_write = consumer.store.write
+    submitted = threading.Event()
+    real_submit = consumer._committer.submit  # type: ignore[union-attr]
+
+    def submit(fn, work):  # notes when the batch after the failing one is queued
+        if len(writes) >= 3:
+            submitted.set()
+        return real_submit(fn, work)
+
+    def failing_write(batch) -> None:
+        writes.append("call")
+        if len(writes) == 3:
+            submitted.wait(10)  # the next batch is queued behind this one before it fails
+            raise sa.exc.OperationalError("COMMIT", {}, Exception("database is locked"))
+        real_write(batch)
+
+    consumer.store.write = failing_write  # type: ignore[method-assign]
+    consumer._committer.submit = submit  # type: ignore[union-attr, method-assign]
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            consumer.run()
+        except BaseException as exc:  # the test asserts on it
+            errors.append(exc)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    th.join(120)
+    assert not th.is_alive() and errors and "database is locked" in str(errors[0])
+    assert submitted.is_set(), "a batch was queued behind the failing one"
+    assert len(writes) == 3, "no batch was written after the failed one"
+
+    consumer = ReidConsumer(cfg)  # a restart: from the committed offsets, state reloaded from SQL
+    run_until(consumer, lambda: count_ended(cfg.store.url) >= n_tracks)
+    failed = snapshot(cfg.store.url)
+
+    (tmp_path / "clean").mkdir()
+    clean_cfg = server_config(kafka_bootstrap, topics, tmp_path / "clean", batch={"max_crops": 4, "max_wait_ms": 20},
+                              kafka={"group_id": "clean-" + topics["reid_input"]})
+    consumer = ReidConsumer(clean_cfg)
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    assert len(failed["tracks"]) == n_tracks and all(t[3] is not None and t[6] for t in failed["tracks"])
+    assert failed == snapshot(clean_cfg.store.url)
