@@ -77,3 +77,33 @@ def test_workers_split_a_batch_and_put_it_back_in_order(market: Market) -> None:
     finally:
         remote.close()
     assert remote.pids == [None, None]
+
+
+def test_an_answer_larger_than_the_socket_buffer_arrives_whole_beside_a_busy_thread(market: Market) -> None:
+    """600 crops: a ~1.2 MB answer, several socket buffers, read in one blocking read while another thread keeps
+    the interpreter busy (the matcher's situation); the vectors are exactly the in-process ones."""
+    import threading
+
+    import cv2
+
+    crops = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for j in market.crops("0001", 0)] * 200
+    local = build_embedder(CFG).embed(crops)
+    remote = RemoteEmbedder(CFG)
+    stop = threading.Event()
+
+    def busy() -> None:
+        x = 0
+        while not stop.is_set():
+            x = (x + 1) % 1_000_003
+
+    th = threading.Thread(target=busy, daemon=True)
+    th.start()
+    try:
+        assert remote._workers[0] is not None and remote._workers[0]._sock is not None, "the one-read path is used"
+        got = remote.embed(crops)
+    finally:
+        stop.set()
+        th.join()
+        remote.close()
+    assert got.shape == local.shape and got.nbytes > 1_000_000
+    np.testing.assert_allclose(got, local, atol=1e-5)
