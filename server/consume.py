@@ -56,8 +56,8 @@ _BYTES_PER_CROP = 2_000.0  # a first guess until a batch is measured: low, so a 
 
 # Per batch: fetch (waiting in the Kafka client, idle time included), parse (with remote intake: in the
 # embedder's processes, their slowest part), then decode/embed/gender (the prepare stage, a worker thread when
-# overlapped), wait_prepared, match, handoff (the consumer thread waiting for the previous commit and handing
-# this batch over), vectors_store and produce (the commit).
+# overlapped), wait_prepared, match, handoff (the consumer thread waiting for room in the commit queue,
+# ``batch.commit_queue``, and handing this batch over), vectors_store and produce (the commit).
 _STAGES = ("fetch", "parse", "decode", "embed", "gender", "wait_prepared", "match", "handoff", "vectors_store",
            "produce")
 
