@@ -295,3 +295,80 @@ def test_non_finite_vectors_from_the_gpu_path_are_refused_and_the_batch_redone(
     outs = [OUT.decode(v) for v in read_all(kafka_bootstrap, topics["reid_output"], 2)]
     ids = [o["people"][0]["global_id"] for o in outs]
     assert len(ids) == 2 and ids[0] == ids[1] is not None  # one track, one identity, every frame answered
+
+
+def test_a_rebalance_mid_stream_stores_the_queued_batches_offsets_and_loses_nothing(
+        kafka_bootstrap: str, unique_topic_prefix: str, market: Market, tmp_path: Path) -> None:
+    """Consumer A works through a backlog on 4 partitions with slow commits, so its commit thread always holds
+    ``batch.commit_queue`` (2) batches; consumer B joins the group mid-stream. When A gives partitions up it first
+    waits for every queued batch and stores its offsets (none is left in flight); between them every frame gets
+    its reid_output and the group's committed offsets reach the end of every partition."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from common.kafka import ensure_topics
+    from schemas.topics import TopicSpec
+
+    names = {k: unique_topic_prefix + k for k in ("reid_input", "reid_output", "reid_dlq")}
+    ensure_topics(kafka_bootstrap, [TopicSpec(names["reid_input"], 4, 1), TopicSpec(names["reid_output"], 1, 1),
+                                    TopicSpec(names["reid_dlq"], 1, 1)])
+    t0 = (time.time_ns() // 1000) - 120_000_000
+    p = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    frames = []
+    for d in range(4):  # one device per partition
+        for f in track_frames(f"dev-{d}", f"cam-{d}", t0, {1: market.crops("0001", 0)}, n_frames=16, crop_every=4):
+            p.produce(names["reid_input"], key=f["device_id"].encode(), value=EDGE.encode(f), partition=d)
+            frames.append((f["device_id"], f["frame_index"]))
+    assert p.flush(30) == 0
+    batch = {"max_crops": 2, "max_messages": 3, "max_wait_ms": 10, "commit_queue": 2}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = ReidConsumer(server_config(kafka_bootstrap, names, tmp_path / "a", batch=batch))
+    b = ReidConsumer(server_config(kafka_bootstrap, names, tmp_path / "b", batch=batch))
+    write = a.store.write
+
+    def slow_write(batch_write: object) -> None:  # a slow disk: A's commit thread always has a queue
+        time.sleep(0.4)
+        write(batch_write)  # type: ignore[arg-type]
+
+    a.store.write = slow_write  # type: ignore[method-assign]
+    queued_at_revoke: list[tuple[int, int]] = []
+    on_revoke = a._on_revoke
+
+    def revoke(c: object, parts: list) -> None:
+        before = len(a._inflight)
+        on_revoke(c, parts)  # type: ignore[arg-type]
+        queued_at_revoke.append((before, len(a._inflight)))
+
+    a._on_revoke = revoke  # type: ignore[method-assign]
+    ta = threading.Thread(target=a.run, daemon=True)
+    tb = threading.Thread(target=b.run, daemon=True)
+    ta.start()
+    try:
+        deadline = time.monotonic() + 60
+        while a.metrics.messages.labels("ok")._value.get() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tb.start()
+        done = lambda: sum(c.metrics.messages.labels("ok")._value.get() for c in (a, b)) >= len(frames)  # noqa: E731
+        deadline = time.monotonic() + 120
+        while not (done() and b._assigned) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        a.stop.set()
+        b.stop.set()
+        ta.join(60)
+        tb.join(60)
+    assert not ta.is_alive() and not tb.is_alive()
+    assert queued_at_revoke and any(before > 0 for before, _ in queued_at_revoke), \
+        f"B joined while A had batches queued for its commit: {queued_at_revoke}"
+    assert all(after == 0 for _, after in queued_at_revoke), "every queued batch was durable before the revoke ended"
+    got = {(r["device_id"], r["frame_index"]) for r in map(OUT.decode, read_all(
+        kafka_bootstrap, names["reid_output"], len(frames), timeout_s=30))}
+    assert got == set(frames), "every frame has its reid_output"
+    check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"g-{names['reid_input']}"})
+    try:
+        parts = [TopicPartition(names["reid_input"], i) for i in range(4)]
+        committed = {tp.partition: tp.offset for tp in check.committed(parts, timeout=10)}
+    finally:
+        check.close()
+    produced = {d: sum(dev == f"dev-{d}" for dev, _ in frames) for d in range(4)}
+    assert committed == produced, "the group's committed offsets reach the end of every partition"
