@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(0: Python's default, 5 ms)")
     ap.add_argument("--jpeg-decoder", choices=["cpu", "nvjpeg"], help="osnet_torch's jpeg_decoder (default: the "
                     "config's)")
-    ap.add_argument("--commit-queue", type=int, default=2, help="batch.commit_queue: batches handed to the commit "
-                    "stage before the consumer waits for the oldest")
+    ap.add_argument("--commit-queue", type=int, help="batch.commit_queue: batches handed to the commit stage before "
+                    "the consumer waits for the oldest (default: the config's)")
     ap.add_argument("--commit-process", action="store_true", help="batch.commit_process: SQL commit and reid_output "
                     "in a child process")
     a = ap.parse_args(argv)
@@ -391,7 +391,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = {"embedder": emb_cfg, "gender": {"mode": a.gender}, "assets": a.assets,
                "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50, "overlap": not a.no_overlap,
                          "embed_process": a.embed_process, "embed_workers": a.embed_workers,
-                         "commit_process": a.commit_process, "commit_queue": a.commit_queue}}
+                         "commit_process": a.commit_process}}
+        if a.commit_queue:
+            cfg["batch"]["commit_queue"] = a.commit_queue
         consumer_embedder = embedder
         if a.embed_process:
             from server.embed.remote import RemoteEmbedder
