@@ -338,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                     "config's)")
     ap.add_argument("--commit-queue", type=int, help="batch.commit_queue: batches handed to the commit stage before "
                     "the consumer waits for the oldest (default: the config's)")
+    ap.add_argument("--prepare-ahead", type=int, help="batch.prepare_ahead: batches queued for the prepare worker "
+                    "beyond the one being matched (default: the config's)")
     ap.add_argument("--commit-process", action="store_true", help="batch.commit_process: SQL commit and reid_output "
                     "in a child process")
     a = ap.parse_args(argv)
@@ -394,6 +396,8 @@ def main(argv: list[str] | None = None) -> int:
                          "commit_process": a.commit_process}}
         if a.commit_queue:
             cfg["batch"]["commit_queue"] = a.commit_queue
+        if a.prepare_ahead:
+            cfg["batch"]["prepare_ahead"] = a.prepare_ahead
         consumer_embedder = embedder
         if a.embed_process:
             from server.embed.remote import RemoteEmbedder

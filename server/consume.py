@@ -282,31 +282,38 @@ class ReidConsumer:
             self.close()
 
     def _run_overlapped(self) -> None:
-        """Two-stage pipeline: batch k+1 is decoded and embedded in one worker thread while batch k is
-        matched, stored and produced here. At most one prepared batch waits (bounded queue of 1), and
-        batches are finished strictly in order on this thread, so offsets are still stored in order and
-        only after their batch's SQL commit. Why: on a GPU box decode+embed and match+SQL each cost
-        about as much as the other; overlapping them hides the smaller one (cv2 and torch drop the GIL)."""
+        """Two-stage pipeline: the next batches are decoded and embedded in one worker thread while batch k is
+        matched, stored and produced here. Up to ``batch.prepare_ahead`` batches are collected and queued for the
+        worker beyond the one being finished, and batches are finished strictly in order on this thread, so
+        offsets are still stored in order and only after their batch's SQL commit. Why: on a GPU box decode+embed
+        and match+SQL each cost about as much as the other; overlapping them hides the smaller one (cv2 and torch
+        drop the GIL). With one batch ahead the worker idles whenever a finish outlasts the next prepare (a batch
+        that founds many identities); with two it always has the next batch queued."""
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        inflight: tuple[list[Item], Future[Prepared]] | None = None
+        inflight: collections.deque[tuple[list[Item], Future[Prepared]]] = collections.deque()
+        ahead = self.cfg.batch.prepare_ahead
         try:
             while not self.stop.is_set():
                 items = self._collect()
-                nxt = (items, worker.submit(self.prepare, items)) if items else None
-                if inflight is not None:
+                if items:
+                    inflight.append((items, worker.submit(self.prepare, items)))
+                # Finish the oldest once more than ``ahead`` wait; when nothing new came (idle), finish them all.
+                while inflight and (len(inflight) > ahead or not items):
+                    batch, fut = inflight[0]
                     t0 = time.perf_counter()
-                    prepared = inflight[1].result()
+                    prepared = fut.result()
                     self.metrics.stage.labels("wait_prepared").observe(time.perf_counter() - t0)
-                    self.finish(inflight[0], prepared)
-                inflight = nxt
+                    self.finish(batch, prepared)
+                    inflight.popleft()
                 self._reap_commit()
                 self._update_lag()
-            if inflight is not None:  # stopping: finish what was already taken (or it is simply redelivered)
-                self.finish(inflight[0], inflight[1].result())
-                inflight = None
+            while inflight:  # stopping: finish what was already taken (or it is simply redelivered)
+                batch, fut = inflight[0]
+                self.finish(batch, fut.result())
+                inflight.popleft()
         finally:
-            if inflight is not None:  # an error in finish: let the prepare end; its batch is redelivered
-                inflight[1].exception()
+            for _batch, fut in inflight:  # an error in finish: let the prepares end; their batches are redelivered
+                fut.exception()
             worker.shutdown(wait=True)
 
     def close(self) -> None:

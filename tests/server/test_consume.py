@@ -372,3 +372,48 @@ def test_a_rebalance_mid_stream_stores_the_queued_batches_offsets_and_loses_noth
         check.close()
     produced = {d: sum(dev == f"dev-{d}" for dev, _ in frames) for d in range(4)}
     assert committed == produced, "the group's committed offsets reach the end of every partition"
+
+
+@pytest.mark.parametrize("ahead", [1, 2])
+def test_overlap_queues_prepare_ahead_batches_and_finishes_them_in_order(
+        kafka_bootstrap: str, topics: dict[str, str], market: Market, tmp_path: Path, ahead: int) -> None:
+    """With ``batch.overlap`` the consumer collects up to ``prepare_ahead`` batches beyond the one it finishes (so
+    the prepare worker has the next one queued when a finish runs long), finishes them strictly in collection
+    order, and every frame still gets its reid_output and the group's committed offset reaches the end."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    t0 = (time.time_ns() // 1000) - 120_000_000
+    frames = track_frames("dev-1", "cam-a", t0, {1: market.crops("0001", 0), 2: market.crops("0004", 0)},
+                          n_frames=16, crop_every=2)
+    produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
+    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path, batch={
+        "max_crops": 2, "max_messages": 3, "max_wait_ms": 10, "overlap": True, "prepare_ahead": ahead}))
+    collected: list[list[int]] = []
+    finished: list[list[int]] = []
+    leads: list[int] = []
+    collect, finish = consumer._collect, consumer.finish
+
+    def counting_collect() -> list:
+        items = collect()
+        if items:
+            collected.append([it.msg.offset() for it in items])
+        return items
+
+    def watched_finish(items: list, prep: object) -> None:
+        leads.append(len(collected) - len(finished) - 1)  # batches collected beyond this one
+        finished.append([it.msg.offset() for it in items])
+        finish(items, prep)  # type: ignore[arg-type]
+
+    consumer._collect, consumer.finish = counting_collect, watched_finish  # type: ignore[method-assign]
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    assert len(collected) >= 6, collected
+    assert finished == collected, "batches are finished in the order they were collected, none skipped"
+    assert max(leads) == ahead and all(0 <= n <= ahead for n in leads), leads
+    got = [OUT.decode(r)["frame_index"] for r in read_all(kafka_bootstrap, topics["reid_output"], len(frames))]
+    assert got == [f["frame_index"] for f in frames], "one reid_output per frame, in stream order"
+    check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"g-{topics['reid_input']}"})
+    try:
+        [tp] = check.committed([TopicPartition(topics["reid_input"], 0)], timeout=10)
+    finally:
+        check.close()
+    assert tp.offset == len(frames), "the committed offset reaches the end of the stream"
