@@ -63,8 +63,9 @@ class BatchSettings(StrictModel):
                           "matched and stored (offsets are still stored strictly in batch order).")
     prepare_ahead: int = Field(1, ge=1, le=4, description="With overlap: batches collected and queued for the "
                                "prepare worker beyond the one being matched. 2 keeps the worker busy when one "
-                               "batch's matching outlasts the next one's embedding; each costs a batch of memory "
-                               "and, on a partition revoke, one more batch its new owner replays (idempotently).")
+                               "batch's matching outlasts the next one's embedding; each costs a batch of memory; "
+                               "on a partition revoke the queued messages of that partition are dropped unmatched "
+                               "(their next owner fetches them again).")
     commit_process: bool = Field(False, description="Commit each batch (SQL transaction, reid_output, dead letters) "
                                  "in a child process (server/writer.py) while the next batch is matched, instead of "
                                  "on a writer thread that shares the matcher's GIL; same order and offset rules.")

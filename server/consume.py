@@ -206,6 +206,10 @@ class ReidConsumer:
         self._inflight: collections.deque[tuple[Sequence[Item], Future[None] | Commit]] = collections.deque()
         self._commit_failed: str | None = None  # the commit thread's first failure: later batches are refused
         self._pending: collections.deque[Item] = collections.deque()
+        # Revocations so far, and the count at which each partition was last revoked: a batch fetched before its
+        # partition's revoke is not finished (see _still_ours).
+        self._revocations = 0
+        self._revoked_in: dict[tuple[str, int], int] = {}
         self._assigned: list[TopicPartition] = []
         self.last_loop_at = time.monotonic()
         self.last_batch_at: float | None = None
@@ -256,6 +260,9 @@ class ReidConsumer:
         self.await_commit()  # store the in-flight batches' offsets while the partitions are still ours
         # Messages of revoked partitions not yet processed belong to their next owner now.
         revoked = {(p.topic, p.partition) for p in parts}
+        self._revocations += 1
+        for tp in revoked:
+            self._revoked_in[tp] = self._revocations
         self._pending = collections.deque(it for it in self._pending
                                           if (it.msg.topic(), it.msg.partition()) not in revoked)
         self._assigned = []
@@ -273,7 +280,8 @@ class ReidConsumer:
                 self._run_overlapped()
             else:
                 while not self.stop.is_set():
-                    items = self._collect()
+                    since = self._revocations
+                    items = self._still_ours(self._collect(), since)
                     if items:
                         self.process(items)
                     self._reap_commit()
@@ -290,31 +298,64 @@ class ReidConsumer:
         drop the GIL). With one batch ahead the worker idles whenever a finish outlasts the next prepare (a batch
         that founds many identities); with two it always has the next batch queued."""
         worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
-        inflight: collections.deque[tuple[list[Item], Future[Prepared]]] = collections.deque()
+        inflight: collections.deque[tuple[list[Item], Future[Prepared], int]] = collections.deque()
         ahead = self.cfg.batch.prepare_ahead
         try:
             while not self.stop.is_set():
-                items = self._collect()
+                since = self._revocations
+                items = self._still_ours(self._collect(), since)
                 if items:
-                    inflight.append((items, worker.submit(self.prepare, items)))
+                    inflight.append((items, worker.submit(self.prepare, items), since))
                 # Finish the oldest once more than ``ahead`` wait; when nothing new came (idle), finish them all.
                 while inflight and (len(inflight) > ahead or not items):
-                    batch, fut = inflight[0]
+                    batch, fut, fetched = inflight[0]
                     t0 = time.perf_counter()
                     prepared = fut.result()
                     self.metrics.stage.labels("wait_prepared").observe(time.perf_counter() - t0)
-                    self.finish(batch, prepared)
+                    self._finish_if_ours(batch, prepared, fetched)
                     inflight.popleft()
                 self._reap_commit()
                 self._update_lag()
             while inflight:  # stopping: finish what was already taken (or it is simply redelivered)
-                batch, fut = inflight[0]
-                self.finish(batch, fut.result())
+                batch, fut, fetched = inflight[0]
+                self._finish_if_ours(batch, fut.result(), fetched)
                 inflight.popleft()
         finally:
-            for _batch, fut in inflight:  # an error in finish: let the prepares end; their batches are redelivered
+            for _batch, fut, _fetched in inflight:  # an error in finish: let the prepares end; redelivered
                 fut.exception()
             worker.shutdown(wait=True)
+
+    def _still_ours(self, items: list[Item], since: int) -> list[Item]:
+        """``items`` less those of partitions revoked after revocation count ``since`` (when they were fetched).
+        Why: after a revoke the partition's next owner (another consumer, or this one after an eager rebalance)
+        fetches from the committed offsets, so finishing such a message here would match and publish it twice,
+        and store an offset for a partition this consumer may no longer own."""
+        if self._revocations == since or not items:
+            return items
+        gone = {tp for tp, n in self._revoked_in.items() if n > since}
+        kept = [it for it in items if (it.msg.topic(), it.msg.partition()) not in gone]
+        if len(kept) < len(items):
+            log.info("messages of revoked partitions left to their next owner",
+                     extra={"dropped": len(items) - len(kept), "kept": len(kept)})
+        return kept
+
+    def _finish_if_ours(self, items: list[Item], prep: Prepared, since: int) -> None:
+        """:meth:`finish` for the part of a prepared batch whose partitions were not revoked since its fetch."""
+        kept = self._still_ours(items, since)
+        if len(kept) < len(items):
+            if not kept:
+                return
+            ours = {id(it) for it in kept}
+            index: dict[int, int] = {}
+            ok: list[Item] = []
+            for i, it in enumerate(prep.ok):
+                if id(it) in ours:
+                    index[i] = len(ok)
+                    ok.append(it)
+            rows = [j for j, (i, _c) in enumerate(prep.todo) if i in index]
+            prep = Prepared(ok, [(index[prep.todo[j][0]], prep.todo[j][1]) for j in rows], prep.embs[rows],
+                            prep.males[rows] if prep.males is not None else None)
+        self.finish(kept, prep)
 
     def close(self) -> None:
         try:

@@ -417,3 +417,150 @@ def test_overlap_queues_prepare_ahead_batches_and_finishes_them_in_order(
     finally:
         check.close()
     assert tp.offset == len(frames), "the committed offset reaches the end of the stream"
+
+
+def test_a_rebalance_drops_prepared_batches_of_revoked_partitions(
+        kafka_bootstrap: str, unique_topic_prefix: str, market: Market, tmp_path: Path) -> None:
+    """With ``batch.overlap`` and two batches queued ahead, consumer A holds prepared batches when consumer B
+    joins. Those messages are no longer A's to finish: the partitions' next owner (B, or A again after the
+    eager rebalance) fetches them from the committed offsets. A must not match or publish them after the
+    revoke, so every frame gets exactly one reid_output and the committed offsets reach the end."""
+    from confluent_kafka import Consumer, Producer, TopicPartition
+
+    from common.kafka import ensure_topics
+    from schemas.topics import TopicSpec
+
+    names = {k: unique_topic_prefix + k for k in ("reid_input", "reid_output", "reid_dlq")}
+    ensure_topics(kafka_bootstrap, [TopicSpec(names["reid_input"], 4, 1), TopicSpec(names["reid_output"], 1, 1),
+                                    TopicSpec(names["reid_dlq"], 1, 1)])
+    t0 = (time.time_ns() // 1000) - 120_000_000
+    p = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    frames = []
+    for d in range(4):  # one device per partition
+        for f in track_frames(f"dev-{d}", f"cam-{d}", t0, {1: market.crops("0001", 0)}, n_frames=16, crop_every=4):
+            p.produce(names["reid_input"], key=f["device_id"].encode(), value=EDGE.encode(f), partition=d)
+            frames.append((f["device_id"], f["frame_index"]))
+    assert p.flush(30) == 0
+    batch = {"max_crops": 2, "max_messages": 3, "max_wait_ms": 10, "overlap": True, "prepare_ahead": 2}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = ReidConsumer(server_config(kafka_bootstrap, names, tmp_path / "a", batch=batch))
+    b = ReidConsumer(server_config(kafka_bootstrap, names, tmp_path / "b", batch=batch))
+    collected_at: dict[tuple[int, int], float] = {}
+    revoked_at: dict[int, list[float]] = {}
+    stale: list[tuple[int, int]] = []  # (partition, offset) finished by A after a revoke that followed its fetch
+    collect, finish, on_revoke = a._collect, a.finish, a._on_revoke
+
+    def a_collect() -> list:
+        items = collect()
+        now = time.monotonic()
+        for it in items:
+            collected_at[(it.msg.partition(), it.msg.offset())] = now
+        return items
+
+    def a_finish(items: list, prep: object) -> None:
+        time.sleep(0.3)  # a slow matcher: the prepare worker always has batches queued
+        now = time.monotonic()
+        for it in items:
+            key = (it.msg.partition(), it.msg.offset())
+            if any(collected_at[key] < r <= now for r in revoked_at.get(key[0], ())):
+                stale.append(key)
+        finish(items, prep)  # type: ignore[arg-type]
+
+    def a_revoke(c: object, parts: list) -> None:
+        on_revoke(c, parts)  # type: ignore[arg-type]
+        for tp in parts:
+            revoked_at.setdefault(tp.partition, []).append(time.monotonic())
+
+    a._collect, a.finish, a._on_revoke = a_collect, a_finish, a_revoke  # type: ignore[method-assign]
+    ta = threading.Thread(target=a.run, daemon=True)
+    tb = threading.Thread(target=b.run, daemon=True)
+    ta.start()
+    try:
+        deadline = time.monotonic() + 60
+        while a.metrics.messages.labels("ok")._value.get() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tb.start()
+        done = lambda: sum(c.metrics.messages.labels("ok")._value.get() for c in (a, b)) >= len(frames)  # noqa: E731
+        deadline = time.monotonic() + 120
+        while not (done() and b._assigned) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)  # anything finished twice would show up now
+    finally:
+        a.stop.set()
+        b.stop.set()
+        ta.join(60)
+        tb.join(60)
+    assert not ta.is_alive() and not tb.is_alive()
+    assert revoked_at, "B's join revoked A's partitions"
+    assert not stale, f"A finished {len(stale)} messages fetched before their partition was revoked: {stale[:5]}"
+    outs = [(r["device_id"], r["frame_index"]) for r in map(OUT.decode, read_all(
+        kafka_bootstrap, names["reid_output"], len(frames), timeout_s=30))]
+    assert sorted(outs) == sorted(frames), "every frame has exactly one reid_output"
+    check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"g-{names['reid_input']}"})
+    try:
+        parts = [TopicPartition(names["reid_input"], i) for i in range(4)]
+        committed = {tp.partition: tp.offset for tp in check.committed(parts, timeout=10)}
+    finally:
+        check.close()
+    produced = {d: sum(dev == f"dev-{d}" for dev, _ in frames) for d in range(4)}
+    assert committed == produced, "the group's committed offsets reach the end of every partition"
+
+
+def test_a_partly_revoked_batch_is_finished_for_the_partitions_still_owned(
+        kafka_bootstrap: str, topics: dict[str, str], tmp_path: Path) -> None:
+    """A cooperative rebalance revokes some partitions only: a prepared batch then keeps the messages of the others,
+    each with its own crops' vectors and gender probabilities, and its dead letters."""
+    import numpy as np
+
+    from server.consume import Item, Prepared
+    from server.validate import DecodedCrop
+
+    class Msg:  # the three things the consumer asks of a fetched message
+        def __init__(self, partition: int, offset: int) -> None:
+            self._p, self._o = partition, offset
+
+        def topic(self) -> str:
+            return topics["reid_input"]
+
+        def partition(self) -> int:
+            return self._p
+
+        def offset(self) -> int:
+            return self._o
+
+    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path))
+    try:
+        items = [Item(Msg(i % 2, i), record={"i": i}) for i in range(6)]  # partitions 0, 1, 0, 1, 0, 1
+        items[2].record, items[2].error = None, ("bad_jpeg", "refused")  # a dead letter of partition 0
+        ok = [it for it in items if it.record is not None]  # messages 0, 1, 3, 4, 5
+        crops = [(0, 2), (1, 1), (2, 1), (3, 1), (4, 2)]  # (index in ok, how many crops)
+        todo = [(i, DecodedCrop(10 * ok[i].msg.offset() + k, None, 0.5, 0.9, (0, 0, 1, 1), "NEW_TRACK"))
+                for i, n in crops for k in range(n)]
+        embs = np.arange(len(todo), dtype=np.float32)[:, None] * np.ones((1, 4), np.float32)
+        males = np.linspace(0, 1, len(todo)).astype(np.float32)
+        got: list[tuple[list, Prepared]] = []
+        consumer.finish = lambda its, prep: got.append((its, prep))  # type: ignore[method-assign]
+        since = consumer._revocations
+        consumer._revocations += 1
+        consumer._revoked_in[(topics["reid_input"], 1)] = consumer._revocations
+
+        consumer._finish_if_ours(items, Prepared(ok, todo, embs, males), since)
+        [(kept, prep)] = got
+        assert [it.msg.offset() for it in kept] == [0, 2, 4], "partition 0's messages, its dead letter included"
+        assert [it.msg.offset() for it in prep.ok] == [0, 4]
+        assert [(i, c.track_id) for i, c in prep.todo] == [(0, 0), (0, 1), (1, 40)]
+        rows = [j for j, (i, _c) in enumerate(todo) if ok[i].msg.partition() == 0]
+        np.testing.assert_array_equal(prep.embs, embs[rows])
+        np.testing.assert_array_equal(prep.males, males[rows])
+
+        got.clear()
+        consumer._finish_if_ours(items, Prepared(ok, todo, embs, males), consumer._revocations)
+        assert got[0][0] is items, "nothing revoked since the fetch: the batch as it is"
+        consumer._revoked_in[(topics["reid_input"], 0)] = consumer._revocations
+        got.clear()
+        consumer._finish_if_ours(items, Prepared(ok, todo, embs, males), since)
+        assert not got, "every partition revoked: nothing left to finish"
+    finally:
+        consumer.stop.set()
+        consumer.close()
