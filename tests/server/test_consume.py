@@ -297,28 +297,72 @@ def test_non_finite_vectors_from_the_gpu_path_are_refused_and_the_batch_redone(
     assert len(ids) == 2 and ids[0] == ids[1] is not None  # one track, one identity, every frame answered
 
 
-def test_a_rebalance_mid_stream_stores_the_queued_batches_offsets_and_loses_nothing(
-        kafka_bootstrap: str, unique_topic_prefix: str, market: Market, tmp_path: Path) -> None:
-    """Consumer A works through a backlog on 4 partitions with slow commits, so its commit thread always holds
-    ``batch.commit_queue`` (2) batches; consumer B joins the group mid-stream. When A gives partitions up it first
-    waits for every queued batch and stores its offsets (none is left in flight); between them every frame gets
-    its reid_output and the group's committed offsets reach the end of every partition."""
-    from confluent_kafka import Consumer, Producer, TopicPartition
+def four_partition_backlog(bootstrap: str, prefix: str, market: Market) -> tuple[dict[str, str], list[tuple[str, int]]]:
+    """Topics named ``prefix``+name, reid_input with 4 partitions holding one device's 17 frames each (a crop on
+    every 4th frame); returns the topic names and the (device, frame index) of every frame produced."""
+    from confluent_kafka import Producer
 
     from common.kafka import ensure_topics
     from schemas.topics import TopicSpec
 
-    names = {k: unique_topic_prefix + k for k in ("reid_input", "reid_output", "reid_dlq")}
-    ensure_topics(kafka_bootstrap, [TopicSpec(names["reid_input"], 4, 1), TopicSpec(names["reid_output"], 1, 1),
-                                    TopicSpec(names["reid_dlq"], 1, 1)])
+    names = {k: prefix + k for k in ("reid_input", "reid_output", "reid_dlq")}
+    ensure_topics(bootstrap, [TopicSpec(names["reid_input"], 4, 1), TopicSpec(names["reid_output"], 1, 1),
+                              TopicSpec(names["reid_dlq"], 1, 1)])
     t0 = (time.time_ns() // 1000) - 120_000_000
-    p = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    p = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     frames = []
     for d in range(4):  # one device per partition
         for f in track_frames(f"dev-{d}", f"cam-{d}", t0, {1: market.crops("0001", 0)}, n_frames=16, crop_every=4):
             p.produce(names["reid_input"], key=f["device_id"].encode(), value=EDGE.encode(f), partition=d)
             frames.append((f["device_id"], f["frame_index"]))
     assert p.flush(30) == 0
+    return names, frames
+
+
+def run_b_joining_a(a: ReidConsumer, b: ReidConsumer, n_frames: int, settle_s: float = 0.0) -> None:
+    """A starts alone; B joins the group once A has processed a few messages; both run until every frame is
+    processed between them and B holds partitions (then ``settle_s`` more), and stop cleanly."""
+    ta = threading.Thread(target=a.run, daemon=True)
+    tb = threading.Thread(target=b.run, daemon=True)
+    ta.start()
+    try:
+        deadline = time.monotonic() + 60
+        while a.metrics.messages.labels("ok")._value.get() < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        tb.start()
+        done = lambda: sum(c.metrics.messages.labels("ok")._value.get() for c in (a, b)) >= n_frames  # noqa: E731
+        deadline = time.monotonic() + 120
+        while not (done() and b._assigned) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(settle_s)
+    finally:
+        a.stop.set()
+        b.stop.set()
+        ta.join(60)
+        tb.join(60)
+    assert not ta.is_alive() and not tb.is_alive()
+
+
+def assert_committed_to_end(bootstrap: str, names: dict[str, str], frames: list[tuple[str, int]]) -> None:
+    from confluent_kafka import Consumer, TopicPartition
+
+    check = Consumer({"bootstrap.servers": bootstrap, "group.id": f"g-{names['reid_input']}"})
+    try:
+        parts = [TopicPartition(names["reid_input"], i) for i in range(4)]
+        committed = {tp.partition: tp.offset for tp in check.committed(parts, timeout=10)}
+    finally:
+        check.close()
+    produced = {d: sum(dev == f"dev-{d}" for dev, _ in frames) for d in range(4)}
+    assert committed == produced, "the group's committed offsets reach the end of every partition"
+
+
+def test_a_rebalance_mid_stream_stores_the_queued_batches_offsets_and_loses_nothing(
+        kafka_bootstrap: str, unique_topic_prefix: str, market: Market, tmp_path: Path) -> None:
+    """Consumer A works through a backlog on 4 partitions with slow commits, so its commit thread always holds
+    ``batch.commit_queue`` (2) batches; consumer B joins the group mid-stream. When A gives partitions up it first
+    waits for every queued batch and stores its offsets (none is left in flight); between them every frame gets
+    its reid_output and the group's committed offsets reach the end of every partition."""
+    names, frames = four_partition_backlog(kafka_bootstrap, unique_topic_prefix, market)
     batch = {"max_crops": 2, "max_messages": 3, "max_wait_ms": 10, "commit_queue": 2}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -340,38 +384,14 @@ def test_a_rebalance_mid_stream_stores_the_queued_batches_offsets_and_loses_noth
         queued_at_revoke.append((before, len(a._inflight)))
 
     a._on_revoke = revoke  # type: ignore[method-assign]
-    ta = threading.Thread(target=a.run, daemon=True)
-    tb = threading.Thread(target=b.run, daemon=True)
-    ta.start()
-    try:
-        deadline = time.monotonic() + 60
-        while a.metrics.messages.labels("ok")._value.get() < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        tb.start()
-        done = lambda: sum(c.metrics.messages.labels("ok")._value.get() for c in (a, b)) >= len(frames)  # noqa: E731
-        deadline = time.monotonic() + 120
-        while not (done() and b._assigned) and time.monotonic() < deadline:
-            time.sleep(0.2)
-    finally:
-        a.stop.set()
-        b.stop.set()
-        ta.join(60)
-        tb.join(60)
-    assert not ta.is_alive() and not tb.is_alive()
+    run_b_joining_a(a, b, len(frames))
     assert queued_at_revoke and any(before > 0 for before, _ in queued_at_revoke), \
         f"B joined while A had batches queued for its commit: {queued_at_revoke}"
     assert all(after == 0 for _, after in queued_at_revoke), "every queued batch was durable before the revoke ended"
     got = {(r["device_id"], r["frame_index"]) for r in map(OUT.decode, read_all(
         kafka_bootstrap, names["reid_output"], len(frames), timeout_s=30))}
     assert got == set(frames), "every frame has its reid_output"
-    check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"g-{names['reid_input']}"})
-    try:
-        parts = [TopicPartition(names["reid_input"], i) for i in range(4)]
-        committed = {tp.partition: tp.offset for tp in check.committed(parts, timeout=10)}
-    finally:
-        check.close()
-    produced = {d: sum(dev == f"dev-{d}" for dev, _ in frames) for d in range(4)}
-    assert committed == produced, "the group's committed offsets reach the end of every partition"
+    assert_committed_to_end(kafka_bootstrap, names, frames)
 
 
 @pytest.mark.parametrize("ahead", [1, 2])
@@ -425,22 +445,7 @@ def test_a_rebalance_drops_prepared_batches_of_revoked_partitions(
     joins. Those messages are no longer A's to finish: the partitions' next owner (B, or A again after the
     eager rebalance) fetches them from the committed offsets. A must not match or publish them after the
     revoke, so every frame gets exactly one reid_output and the committed offsets reach the end."""
-    from confluent_kafka import Consumer, Producer, TopicPartition
-
-    from common.kafka import ensure_topics
-    from schemas.topics import TopicSpec
-
-    names = {k: unique_topic_prefix + k for k in ("reid_input", "reid_output", "reid_dlq")}
-    ensure_topics(kafka_bootstrap, [TopicSpec(names["reid_input"], 4, 1), TopicSpec(names["reid_output"], 1, 1),
-                                    TopicSpec(names["reid_dlq"], 1, 1)])
-    t0 = (time.time_ns() // 1000) - 120_000_000
-    p = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
-    frames = []
-    for d in range(4):  # one device per partition
-        for f in track_frames(f"dev-{d}", f"cam-{d}", t0, {1: market.crops("0001", 0)}, n_frames=16, crop_every=4):
-            p.produce(names["reid_input"], key=f["device_id"].encode(), value=EDGE.encode(f), partition=d)
-            frames.append((f["device_id"], f["frame_index"]))
-    assert p.flush(30) == 0
+    names, frames = four_partition_backlog(kafka_bootstrap, unique_topic_prefix, market)
     batch = {"max_crops": 2, "max_messages": 3, "max_wait_ms": 10, "overlap": True, "prepare_ahead": 2}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
@@ -473,38 +478,13 @@ def test_a_rebalance_drops_prepared_batches_of_revoked_partitions(
             revoked_at.setdefault(tp.partition, []).append(time.monotonic())
 
     a._collect, a.finish, a._on_revoke = a_collect, a_finish, a_revoke  # type: ignore[method-assign]
-    ta = threading.Thread(target=a.run, daemon=True)
-    tb = threading.Thread(target=b.run, daemon=True)
-    ta.start()
-    try:
-        deadline = time.monotonic() + 60
-        while a.metrics.messages.labels("ok")._value.get() < 4 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        tb.start()
-        done = lambda: sum(c.metrics.messages.labels("ok")._value.get() for c in (a, b)) >= len(frames)  # noqa: E731
-        deadline = time.monotonic() + 120
-        while not (done() and b._assigned) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)  # anything finished twice would show up now
-    finally:
-        a.stop.set()
-        b.stop.set()
-        ta.join(60)
-        tb.join(60)
-    assert not ta.is_alive() and not tb.is_alive()
+    run_b_joining_a(a, b, len(frames), settle_s=1.0)  # anything finished twice shows up in the settling second
     assert revoked_at, "B's join revoked A's partitions"
     assert not stale, f"A finished {len(stale)} messages fetched before their partition was revoked: {stale[:5]}"
     outs = [(r["device_id"], r["frame_index"]) for r in map(OUT.decode, read_all(
         kafka_bootstrap, names["reid_output"], len(frames), timeout_s=30))]
     assert sorted(outs) == sorted(frames), "every frame has exactly one reid_output"
-    check = Consumer({"bootstrap.servers": kafka_bootstrap, "group.id": f"g-{names['reid_input']}"})
-    try:
-        parts = [TopicPartition(names["reid_input"], i) for i in range(4)]
-        committed = {tp.partition: tp.offset for tp in check.committed(parts, timeout=10)}
-    finally:
-        check.close()
-    produced = {d: sum(dev == f"dev-{d}" for dev, _ in frames) for d in range(4)}
-    assert committed == produced, "the group's committed offsets reach the end of every partition"
+    assert_committed_to_end(kafka_bootstrap, names, frames)
 
 
 def test_a_partly_revoked_batch_is_finished_for_the_partitions_still_owned(
