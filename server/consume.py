@@ -120,6 +120,19 @@ class Prepared:
     embs: np.ndarray
     males: np.ndarray | None
 
+    def only(self, items: Sequence[Item]) -> Prepared:
+        """This batch restricted to ``items`` (a subset of its messages): their crops, vectors and gender rows."""
+        keep = {id(it) for it in items}
+        index: dict[int, int] = {}  # position in self.ok -> position in the result's ok
+        ok: list[Item] = []
+        for i, it in enumerate(self.ok):
+            if id(it) in keep:
+                index[i] = len(ok)
+                ok.append(it)
+        rows = [j for j, (i, _c) in enumerate(self.todo) if i in index]
+        return Prepared(ok, [(index[self.todo[j][0]], self.todo[j][1]) for j in rows], self.embs[rows],
+                        self.males[rows] if self.males is not None else None)
+
 
 @dataclass
 class Commit:
@@ -342,20 +355,10 @@ class ReidConsumer:
     def _finish_if_ours(self, items: list[Item], prep: Prepared, since: int) -> None:
         """:meth:`finish` for the part of a prepared batch whose partitions were not revoked since its fetch."""
         kept = self._still_ours(items, since)
-        if len(kept) < len(items):
-            if not kept:
-                return
-            ours = {id(it) for it in kept}
-            index: dict[int, int] = {}
-            ok: list[Item] = []
-            for i, it in enumerate(prep.ok):
-                if id(it) in ours:
-                    index[i] = len(ok)
-                    ok.append(it)
-            rows = [j for j, (i, _c) in enumerate(prep.todo) if i in index]
-            prep = Prepared(ok, [(index[prep.todo[j][0]], prep.todo[j][1]) for j in rows], prep.embs[rows],
-                            prep.males[rows] if prep.males is not None else None)
-        self.finish(kept, prep)
+        if len(kept) == len(items):
+            self.finish(items, prep)
+        elif kept:
+            self.finish(kept, prep.only(kept))
 
     def close(self) -> None:
         try:
