@@ -177,6 +177,7 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         def timed(items: Any) -> Any:
             if not first:
                 first.append(time.perf_counter())
+                first.append(time.time())
             return clocked("prepare", inner, items)
 
         consumer.prepare = timed  # type: ignore[method-assign]
@@ -196,7 +197,7 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         deadline = time.monotonic() + 600
         while ok._value.get() < len(frames) and time.monotonic() < deadline:
             time.sleep(0.01)
-        end = time.perf_counter()
+        end, end_epoch = time.perf_counter(), time.time()
         lag_at_end = getattr(consumer.vectors, "mirror_lag", lambda: 0)()
         mirror = getattr(consumer.vectors, "mirror", None)
         drained = mirror.drain(120) if mirror is not None else True
@@ -213,6 +214,7 @@ def bench_pipeline(cfg_data: dict[str, Any], jpegs: list[tuple[str, bytes]], tmp
         host = sum(v for k, v in stages.items() if k not in ("embed", "gender", "wait_prepared"))
         return {"crops": n_crops, "frames": len(frames), "seconds": end - first[0],
                 "crops_s": n_crops / (end - first[0]), "stage_seconds": stages,
+                "window_epoch_s": [first[1], end_epoch],  # for benchmarks/cpu_sampler.py --report --window
                 "thread_seconds": {k: round(v, 3) for k, v in clocks.items()},
                 # Ceiling of the whole consumer if the models cost nothing (a GPU box): the host-side stages.
                 "host_stage_crops_s": n_crops / host if host else float("inf"),
@@ -348,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
                     "(0: Python's default, 5 ms)")
     ap.add_argument("--jpeg-decoder", choices=["cpu", "nvjpeg"], help="osnet_torch's jpeg_decoder (default: the "
                     "config's)")
+    ap.add_argument("--cpu-decode-share", type=float, help="osnet_torch's cpu_decode_share: crops decoded by "
+                    "OpenCV threads beside nvJPEG (default: the config's)")
     ap.add_argument("--commit-queue", type=int, help="batch.commit_queue: batches handed to the commit stage before "
                     "the consumer waits for the oldest (default: the config's)")
     ap.add_argument("--prepare-ahead", type=int, help="batch.prepare_ahead: batches queued for the prepare worker "
@@ -381,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
     emb_cfg: dict[str, Any] = {"type": a.embedder}
     if a.jpeg_decoder:
         emb_cfg["jpeg_decoder"] = a.jpeg_decoder
+    if a.cpu_decode_share is not None:
+        emb_cfg["cpu_decode_share"] = a.cpu_decode_share
     embedder = build_embedder(emb_cfg, assets=a.assets)
     res["embedder"] = embedder.model_id
     n_stage = min(len(images), 4096 if "gpu" in res else 256)

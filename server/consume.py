@@ -36,7 +36,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from common.configfile import ConfigError
 from common.kafka import consumer_config
-from common.service import StopSignal, allowed_cpus
+from common.service import StopSignal, allowed_cpus, set_os_name
 from schemas.codec import AvroCodec
 from server import results
 from server.config import ServerConfig
@@ -213,7 +213,8 @@ class ReidConsumer:
         self._bytes_per_crop = _BYTES_PER_CROP  # message bytes per crop, learnt from each batch (remote intake)
         threads = cfg.batch.decode_threads or allowed_cpus()
         self.pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="jpeg")
-        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit") \
+        self._committer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="commit", initializer=set_os_name,
+                                             initargs=("reid-commit",)) \
             if cfg.batch.pipelined_commit and self._writer is None else None
         # Batches handed to the commit stage and not yet durable, oldest first (at most ``batch.commit_queue``).
         self._inflight: collections.deque[tuple[Sequence[Item], Future[None] | Commit]] = collections.deque()
@@ -287,6 +288,7 @@ class ReidConsumer:
         # objects are still collected. (Host-side benchmark here: one run +25 %, repeated runs within the
         # +-10 % noise of this box; it costs nothing.)
         gc.freeze()
+        set_os_name("reid-consumer")
         self.consumer.subscribe([self.cfg.kafka.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             if self.cfg.batch.overlap:
@@ -310,7 +312,8 @@ class ReidConsumer:
         and match+SQL each cost about as much as the other; overlapping them hides the smaller one (cv2 and torch
         drop the GIL). With one batch ahead the worker idles whenever a finish outlasts the next prepare (a batch
         that founds many identities); with two it always has the next batch queued."""
-        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare")
+        worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prepare", initializer=set_os_name,
+                                    initargs=("reid-prepare",))
         inflight: collections.deque[tuple[list[Item], Future[Prepared], int]] = collections.deque()
         ahead = self.cfg.batch.prepare_ahead
         try:

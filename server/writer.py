@@ -30,10 +30,12 @@ START_TIMEOUT_S = 120.0
 
 def _serve(conn: Connection, cfg_json: dict[str, Any], stop: Any, waiting: Any, log_level: int) -> None:
     from common.logs import setup_logging
+    from common.service import set_os_name
     from server.config import ServerConfig
     from server.sink import ResultSink
     from server.store import AnalyticsStore
 
+    set_os_name("reid-commit")
     setup_logging("reidfleet-server-writer", logging.getLevelName(log_level))
     cfg = ServerConfig.model_validate(cfg_json)
     try:

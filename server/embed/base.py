@@ -49,7 +49,12 @@ class OsnetTorchConfig(StrictModel):
     batch_size: int = Field(512, ge=1, le=8192, description="Crops per forward pass.")
     jpeg_decoder: Literal["cpu", "nvjpeg"] = Field("nvjpeg", description="embed_jpegs decoder on CUDA: torchvision "
                                                    "nvJPEG (falls back to cpu without torchvision) or OpenCV threads.")
-    decode_threads: int = Field(0, ge=0, le=256, description="CPU JPEG decode threads (0 = min(16, cores)).")
+    decode_threads: int = Field(0, ge=0, le=256, description="CPU JPEG decode threads (0 = min(16, cores); with "
+                                "cpu_decode_share: 4).")
+    cpu_decode_share: float = Field(0.0, ge=0.0, le=0.9, description="With nvjpeg: the share of each batch's crops "
+                                    "decoded by OpenCV threads while nvJPEG decodes the rest, so the CPU adds its "
+                                    "decode rate to the GPU decoder's (which stays at ~15k small crops/s per GPU "
+                                    "however many processes share it). 0 = nvJPEG alone.")
     threads: int = Field(0, ge=0, le=256, description="CPU threads for torch (0 = torch default).")
 
 

@@ -165,7 +165,7 @@ class OsnetTorchEmbedder:
         for i, c in enumerate(crops):
             check_crop(first_index + i, c)
         sizes = np.array([c.size for c in crops], dtype=np.int64)
-        flat = torch.empty(int(sizes.sum()), dtype=torch.uint8, pin_memory=True)
+        flat = torch.empty(int(sizes.sum()), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
         np.concatenate([np.ascontiguousarray(c).reshape(-1) for c in crops], out=flat.numpy())
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
         hw = torch.tensor([c.shape[:2] for c in crops], dtype=torch.int64)
@@ -187,17 +187,41 @@ class OsnetTorchEmbedder:
             # Part by part, each read back before the next is decoded: queued like :meth:`embed`, nvJPEG's batched
             # decode of part k+1 overlapped part k and returned NaN vectors on the H200 (torchvision 0.26).
             out = np.empty((len(jpegs), self.dim), dtype=np.float32)
+            share = self.cfg.cpu_decode_share
             for s in batches(len(jpegs), self.cfg.batch_size):
-                out[s] = self._forward_rgb(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start))
+                k = min(round((s.stop - s.start) * share), s.stop - s.start - 1)  # nvJPEG gets >= 1 crop
+                if not k:
+                    out[s] = self._forward_rgb(decode_resize_jpegs_gpu(jpegs[s], self.device, s.start))
+                    continue
+                # The part's first k crops go to OpenCV threads (they drop the GIL) while nvJPEG decodes the rest
+                # here (the op drops it too); then one forward over both.
+                pool = self._decode_pool(4)
+                chunks = [(lo, pool.submit(_decode_some, jpegs[lo:min(lo + 32, s.start + k)]))
+                          for lo in range(s.start, s.start + k, 32)]
+                on_gpu = decode_resize_jpegs_gpu(jpegs[s.start + k:s.stop], self.device, s.start + k)
+                images: list[np.ndarray] = []
+                for lo, fut in chunks:
+                    for i, img in enumerate(fut.result()):
+                        if img is None:
+                            raise CropError(f"crop {lo + i}: not a decodable image ({len(jpegs[lo + i])} bytes)")
+                        images.append(img)
+                on_cpu = self._upload_resize(images, s.start)
+                out[s] = self._forward_rgb(torch.cat([on_cpu, on_gpu]))
             return out
+        return self.embed(decode_jpegs_cpu(jpegs, self._decode_pool(min(16, os.cpu_count() or 1))))
+
+    def _decode_pool(self, default_threads: int) -> ThreadPoolExecutor:
         if self._pool_exec is None:
-            self._pool_exec = ThreadPoolExecutor(self.cfg.decode_threads or min(16, os.cpu_count() or 1),
-                                                 thread_name_prefix="jpeg")
-        return self.embed(decode_jpegs_cpu(jpegs, self._pool_exec))
+            self._pool_exec = ThreadPoolExecutor(self.cfg.decode_threads or default_threads, thread_name_prefix="jpeg")
+        return self._pool_exec
 
 
 def _decode_one(data: bytes) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
+
+
+def _decode_some(jpegs: Sequence[bytes]) -> list[np.ndarray | None]:
+    return [_decode_one(d) for d in jpegs]
 
 
 def decode_jpegs_cpu(jpegs: Sequence[bytes], pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:

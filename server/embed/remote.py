@@ -46,7 +46,10 @@ class EmbedderProcessDied(RuntimeError):
 
 def _serve(conn: Connection, cfg: Any, assets: str | None) -> None:
     """Child: build the embedder, report its identity, then answer requests until the pipe closes."""
+    from common.service import set_os_name
     from server.embed.base import build_embedder
+
+    set_os_name(mp.current_process().name.replace("reidfleet-embedder", "reid-embed"))
 
     try:
         emb = build_embedder(cfg, assets=assets)

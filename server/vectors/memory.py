@@ -37,12 +37,27 @@ _SIMS_CHUNK_FLOATS = 1 << 23  # 32 MB of float32 similarities per chunk of a bat
 _blas_ctl: Any = None
 
 
+_MADDS_PER_BLAS_THREAD = 1 << 28  # a GEMM gets one BLAS thread per this many multiply-adds (~25-50 ms on one core)
+
+
+def blas_threads_for(madds: int, cpus: int) -> int:
+    """BLAS threads worth waking for a product of ``madds`` multiply-adds: one per 2^28, at most ``cpus``.
+    Why not every core: OpenBLAS's threads spin for a while after each product before they sleep, so on a box
+    whose other cores run the embedder workers, the broker and the commit and mirror processes, a small product
+    on 16 threads mostly burnt 15 cores' worth of spinning beside them. The bench gallery's product (~2,000 x
+    ~560 x 512, 0.6 G) gets 2 threads; a 100k-prototype gallery still gets every core."""
+    return max(1, min(cpus, madds // _MADDS_PER_BLAS_THREAD))
+
+
 @contextlib.contextmanager
-def _blas_threads(n_queries: int) -> Iterator[None]:
-    """Every allowed core for a batched search of many queries (a GEMM scales with threads), one thread
-    otherwise (see :func:`single_thread_blas`)."""
+def _blas_threads(n_queries: int, n_rows: int, dim: int) -> Iterator[None]:
+    """The threads :func:`blas_threads_for` gives a batched search of ``n_queries`` against ``n_rows``; one
+    thread otherwise (see :func:`single_thread_blas`)."""
     global _blas_ctl
-    if n_queries < 32:
+    from common.service import allowed_cpus
+
+    threads = blas_threads_for(n_queries * n_rows * dim, allowed_cpus())
+    if threads <= 1:
         yield
         return
     try:
@@ -50,11 +65,9 @@ def _blas_threads(n_queries: int) -> Iterator[None]:
     except ImportError:  # pragma: no cover - optional speed-up
         yield
         return
-    from common.service import allowed_cpus
-
     if _blas_ctl is None:
         _blas_ctl = ThreadpoolController()
-    with _blas_ctl.limit(limits=allowed_cpus(), user_api="blas"):
+    with _blas_ctl.limit(limits=threads, user_api="blas"):
         yield
 
 
@@ -221,7 +234,7 @@ class MemoryVectorStore:
         mat = self._mat[:n]
         rows = max(1, _SIMS_CHUNK_FLOATS // n)
         out: list[Sequence[Hit]] = []
-        with _blas_threads(len(q)):
+        with _blas_threads(len(q), n, self.dim):
             for s in range(0, len(q), rows):
                 sims = q[s:s + rows] @ mat.T
                 sparse = self._above_floor(sims, k, limit, min_score)

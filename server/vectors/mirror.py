@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from common.service import set_os_name
 from server.vectors.base import Prototype, VectorStore
 
 log = logging.getLogger(__name__)
@@ -159,8 +160,10 @@ def _serve(conn: Connection, cfg: Any, dim: int, model_id: str, max_pending: int
     """Child: open the Qdrant store, report what it holds, then mirror submitted changes until told to close
     (or until the consumer is gone: then what is queued gets a few seconds to be written)."""
     from common.logs import setup_logging
+    from common.service import set_os_name
     from server.vectors.qdrant import QdrantVectorStore
 
+    set_os_name("reid-mirror")
     # A Ctrl-C reaches the whole process group: the consumer handles it and closes this process after a
     # drain, so the mirror does not die mid-queue (it still exits on SIGTERM, on "close" or when the pipe ends).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -249,6 +252,7 @@ class MirrorProcess:
         log.info("vector mirror process ready", extra={"pid": self._proc.pid, "points": len(self._revisions)})
 
     def _send_loop(self) -> None:
+        set_os_name("reid-mirror-tx")
         while True:
             item = self._outbox.get()
             try:

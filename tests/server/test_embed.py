@@ -149,6 +149,45 @@ def test_jpeg_path_and_bad_inputs(market: tuple[list[np.ndarray], np.ndarray]) -
         emb.embed_jpegs([jpegs[0], jpegs[1], b"\xff\xd8garbage"])
 
 
+def test_cpu_decode_share_splits_each_part(market: tuple[list[np.ndarray], np.ndarray],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``cpu_decode_share`` each part's first crops are decoded by OpenCV threads and the rest by nvJPEG; the
+    vectors come back in input order and equal the plain path's. nvJPEG is stood in for by the same decode on the
+    CPU (planar RGB, then the packed resize, as the GPU path does), so the split itself is what is tested here."""
+    from server.embed import osnet_torch
+    from server.embed.gpu_resize import resize_packed_bilinear
+
+    seen: list[int] = []
+
+    def fake_nvjpeg(jpegs: list[bytes], device: torch.device, first_index: int = 0) -> torch.Tensor:
+        seen.extend(range(first_index, first_index + len(jpegs)))
+        rgb = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1].transpose(2, 0, 1)
+               for j in jpegs]
+        sizes = torch.tensor([c.size for c in rgb])
+        flat = torch.from_numpy(np.concatenate([np.ascontiguousarray(c).reshape(-1) for c in rgb]))
+        hw = torch.tensor([c.shape[1:] for c in rgb])
+        return resize_packed_bilinear(flat, torch.cumsum(sizes, 0) - sizes, hw[:, 0], hw[:, 1], planar=True,
+                                      out_h=256, out_w=128)
+
+    monkeypatch.setattr(osnet_torch, "decode_resize_jpegs_gpu", fake_nvjpeg)
+    monkeypatch.setattr(osnet_torch.OsnetTorchEmbedder, "decodes_jpegs", property(lambda self: True))
+    crops = market[0][:12]
+    jpegs = [cv2.imencode(".png", c)[1].tobytes() for c in crops]
+    plain = build_embedder({"type": "osnet_torch", "device": "cpu", "batch_size": 5}).embed_jpegs(jpegs)
+    assert seen == list(range(12))
+    seen.clear()
+    emb = build_embedder({"type": "osnet_torch", "device": "cpu", "batch_size": 5, "cpu_decode_share": 0.4})
+    np.testing.assert_allclose(emb.embed_jpegs(jpegs), plain, atol=1e-5)
+    # Parts of 5, 5 and 2 crops: OpenCV took the first 2, 2 and 1 of them, nvJPEG the rest (at least one each).
+    assert seen == [2, 3, 4, 7, 8, 9, 11]
+    with pytest.raises(CropError, match="crop 5: not a decodable image"):
+        emb.embed_jpegs([*jpegs[:5], b"\xff\xd8garbage", *jpegs[6:]])
+    seen.clear()
+    one = build_embedder({"type": "osnet_torch", "device": "cpu", "cpu_decode_share": 0.9}).embed_jpegs(jpegs[:1])
+    np.testing.assert_allclose(one, plain[:1], atol=1e-5)
+    assert seen == [0]
+
+
 def test_gpu_path_equals_cpu_when_cuda_present(market: tuple[list[np.ndarray], np.ndarray]) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here; bench-embed-gpu covers it on the GPU machine")
