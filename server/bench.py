@@ -346,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                     "runs in a child process (the stage figure stays in-process)")
     ap.add_argument("--embed-workers", type=int, default=1, help="batch.embed_workers: embedder child processes "
                     "(with --embed-process)")
-    ap.add_argument("--switch-interval-ms", type=float, default=0.0, help="sys.setswitchinterval for this run "
-                    "(0: Python's default, 5 ms)")
+    ap.add_argument("--switch-interval-ms", type=float, default=0.0, help="batch.switch_interval_ms of the "
+                    "consumer (0: the config's)")
     ap.add_argument("--jpeg-decoder", choices=["cpu", "nvjpeg"], help="osnet_torch's jpeg_decoder (default: the "
                     "config's)")
     ap.add_argument("--cpu-decode-share", type=float, help="osnet_torch's cpu_decode_share: crops decoded by "
@@ -366,10 +366,6 @@ def main(argv: list[str] | None = None) -> int:
     from server.embed.base import build_embedder
 
     setup_logging("bench-server", "WARNING")
-    if a.switch_interval_ms:
-        import sys
-
-        sys.setswitchinterval(a.switch_interval_ms / 1000)
     root = require(data_path("market1501_subset", assets=a.assets), "Market-1501 subset")
     jpegs = market_jpegs(root, max(a.crops, 512))
     images = [cv2.imdecode(np.frombuffer(j, np.uint8), cv2.IMREAD_COLOR) for _, j in jpegs]
@@ -412,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                "batch": {"max_crops": a.batch_crops, "max_wait_ms": 50, "overlap": not a.no_overlap,
                          "embed_process": a.embed_process, "embed_workers": a.embed_workers,
                          "commit_process": a.commit_process}}
+        if a.switch_interval_ms:
+            cfg["batch"]["switch_interval_ms"] = a.switch_interval_ms
         if a.commit_queue:
             cfg["batch"]["commit_queue"] = a.commit_queue
         if a.prepare_ahead:

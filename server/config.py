@@ -75,6 +75,11 @@ class BatchSettings(StrictModel):
                                "a large batch is split between them. On a GPU each decodes its part's JPEGs with "
                                "nvJPEG, whose entropy decoding runs on one CPU thread per process: 2-3 workers "
                                "keep a 10k crops/s stream fed.")
+    switch_interval_ms: float | None = Field(None, gt=0.0, le=100.0, description="The interpreter's thread switch "
+                                             "interval (sys.setswitchinterval) while the consumer runs; None keeps "
+                                             "Python's 5 ms. Every blocking call (a pipe read, a Kafka poll) hands "
+                                             "the GIL to the other thread, and getting it back waits up to this long "
+                                             "while the other computes.")
     remote_intake: bool = Field(True, description="With embed_process and gender off: the embedder processes also "
                                 "decode and check the raw messages (server/intake.py), and send back records "
                                 "without JPEG bytes; the consumer's interpreter keeps to matching. A batch then "

@@ -17,6 +17,7 @@ import gc
 import logging
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -289,6 +290,8 @@ class ReidConsumer:
         # +-10 % noise of this box; it costs nothing.)
         gc.freeze()
         set_os_name("reid-consumer")
+        if self.cfg.batch.switch_interval_ms is not None:
+            sys.setswitchinterval(self.cfg.batch.switch_interval_ms / 1000)
         self.consumer.subscribe([self.cfg.kafka.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
         try:
             if self.cfg.batch.overlap:
