@@ -118,6 +118,26 @@ class _Worker:
         log.info("embedder process ready", extra={"pid": self.proc.pid, **payload})
         return payload
 
+    def send(self, msg: Any) -> None:
+        """``Connection.send`` in one system call: its framing (the child reads it with ``Connection.recv``) and
+        the pickled body go out together (``sendmsg``, no copy). Why: ``Connection.send`` writes the header and
+        the body separately for a large message, and each blocking write hands the GIL to the matcher's thread,
+        which keeps it up to the switch interval before this thread gets it back."""
+        if self._sock is None:
+            self.conn.send(msg)
+            return
+        body = pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL)
+        n = len(body)
+        header = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        bufs = [memoryview(header), memoryview(body)]
+        while bufs:
+            sent = self._sock.sendmsg(bufs)  # a blocking stream socket takes it all unless a signal interrupts
+            while sent and bufs:
+                if sent >= len(bufs[0]):
+                    sent -= len(bufs.pop(0))
+                else:
+                    bufs[0], sent = bufs[0][sent:], 0
+
     def recv(self) -> Any:
         """The child's next answer, as ``Connection.recv`` reads it, but its body in one blocking read.
 
@@ -202,7 +222,7 @@ class RemoteEmbedder:
             for w, lo, hi in zip(used, bounds, bounds[1:], strict=False):
                 assert w is not None
                 try:
-                    w.conn.send((op, list(payload[lo:hi]), extra))
+                    w.send((op, list(payload[lo:hi]), extra))
                     sent.append((w, lo))
                 except (EOFError, OSError) as exc:
                     self._died(w, exc, sent)
