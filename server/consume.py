@@ -290,6 +290,7 @@ class ReidConsumer:
         # +-10 % noise of this box; it costs nothing.)
         gc.freeze()
         set_os_name("reid-consumer")
+        switch_was = sys.getswitchinterval()  # process-wide: put back when this consumer stops
         if self.cfg.batch.switch_interval_ms is not None:
             sys.setswitchinterval(self.cfg.batch.switch_interval_ms / 1000)
         self.consumer.subscribe([self.cfg.kafka.input_topic], on_assign=self._on_assign, on_revoke=self._on_revoke)
@@ -305,7 +306,10 @@ class ReidConsumer:
                     self._reap_commit()
                     self._update_lag()
         finally:
-            self.close()
+            try:
+                self.close()
+            finally:
+                sys.setswitchinterval(switch_was)
 
     def _run_overlapped(self) -> None:
         """Two-stage pipeline: the next batches are decoded and embedded in one worker thread while batch k is

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import threading
 import time
 from pathlib import Path
@@ -138,6 +139,26 @@ def test_the_last_batch_of_a_burst_has_its_offsets_stored_as_soon_as_it_is_durab
     assert durable and len(stored) == len(durable)
     delays = [s - d for s, d in zip(stored, durable, strict=True)]
     assert max(delays) < 0.25, f"offsets stored {delays} s after the commit ended"
+
+
+def test_switch_interval_is_set_while_the_consumer_runs_and_put_back(kafka_bootstrap: str, topics: dict[str, str],
+                                                                      market: Market, tmp_path: Path) -> None:
+    t0 = (time.time_ns() // 1000) - 60_000_000
+    frames = track_frames("dev-1", "cam-a", t0, {1: market.crops("0001", 0)}, n_frames=2)
+    produce(kafka_bootstrap, topics["reid_input"], [(f["device_id"].encode(), EDGE.encode(f)) for f in frames])
+    consumer = ReidConsumer(server_config(kafka_bootstrap, topics, tmp_path, batch={"switch_interval_ms": 0.5}))
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+    finish = consumer.finish
+
+    def watched(items: object, prep: object) -> None:
+        seen.append(sys.getswitchinterval())
+        finish(items, prep)  # type: ignore[arg-type]
+
+    consumer.finish = watched  # type: ignore[method-assign]
+    run_until(consumer, lambda: consumer.metrics.messages.labels("ok")._value.get() >= len(frames))
+    assert seen and set(seen) == {0.0005}
+    assert sys.getswitchinterval() == before
 
 
 def test_remote_intake_sizes_batches_from_message_bytes(kafka_bootstrap: str, topics: dict[str, str],
