@@ -105,6 +105,10 @@ server *ARGS:
 bench-server assets=assets *ARGS:
     python -m server.bench {{assets}} {{ARGS}}
 
+# server: the prepare thread's trip to the embedder workers beside a busy matcher thread, per GIL switch interval → results/gil-handoff.{json,png}
+bench-gil *ARGS:
+    python -m benchmarks.gil_handoff {{ARGS}}
+
 # server: cross-camera id accuracy (pairwise precision/recall) of appliance output (detector+tracker+best shot) on two MOT15 frame ranges through the whole server, at the embedder's shipped threshold (server/embed/calibration.py; --threshold/--sweep to vary) → results/eval-xcam.{json,png}
 eval-xcam seq_a="PETS09-S2L1:1-150" seq_b="PETS09-S2L1:151-300" assets=assets *ARGS:
     python -m benchmarks.eval_xcam {{seq_a}} {{seq_b}} --assets {{assets}} {{ARGS}}
