@@ -172,3 +172,51 @@ def test_batched_writes_equal_one_at_a_time() -> None:
         assert {g for g, _p, _s in a} == {g for g, _p, _s in b}
         np.testing.assert_allclose(sorted(s for *_x, s in a), sorted(s for *_x, s in b), atol=1e-6)
     assert sorted(many._members) == sorted(one._members)
+
+
+def test_a_batched_search_wakes_blas_threads_by_the_size_of_its_product() -> None:
+    """One BLAS thread per 2^28 multiply-adds, at most every allowed core: the bench gallery's product (~2,000 x
+    ~560 x 512) gets 2, a 100k-prototype gallery every core, a small batch one; each search runs with that limit
+    and the process is back on one thread afterwards."""
+    from threadpoolctl import threadpool_info
+
+    from common.service import allowed_cpus
+    from server.vectors import memory
+
+    assert memory.blas_threads_for(2_000 * 560 * 512, 16) == 2
+    assert memory.blas_threads_for(1_000 * 100_000 * 512, 16) == 16
+    assert memory.blas_threads_for(40 * 500 * 512, 16) == 1
+    assert memory.blas_threads_for(1 << 40, 3) == 3
+
+    def blas_threads() -> set[int]:
+        return {p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+
+    store = MemoryVectorStore(dim=512, capacity=4096)
+    rng = np.random.default_rng(1)
+    vecs = rng.standard_normal((3_000, 512)).astype(np.float32)
+    store.upsert([Prototype(f"p{i}", f"g{i % 300}", v / np.linalg.norm(v)) for i, v in enumerate(vecs)])
+    seen: list[set[int]] = []
+    inner = memory._blas_threads
+
+    def spy(n_queries: int, n_rows: int, dim: int):  # type: ignore[no-untyped-def]
+        cm = inner(n_queries, n_rows, dim)
+
+        class Probe:
+            def __enter__(self) -> None:
+                cm.__enter__()
+                seen.append(blas_threads())
+
+            def __exit__(self, *exc: object) -> None:
+                cm.__exit__(*exc)
+
+        return Probe()
+
+    memory._blas_threads = spy
+    try:
+        store.search_many(vecs[:64], 16, 8)  # 64 x 3,000 x 512 = 0.1 G: one thread
+        store.search_many(np.repeat(vecs, 2, axis=0), 16, 8)  # 6,000 x 3,000 x 512 = 9.2 G: 34, capped
+    finally:
+        memory._blas_threads = inner
+    if blas_threads():  # a numpy built without a BLAS threadpoolctl can see has nothing to limit
+        assert seen == [{1}, {min(34, allowed_cpus())}]
+        assert blas_threads() == {1}
