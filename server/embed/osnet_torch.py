@@ -195,17 +195,10 @@ class OsnetTorchEmbedder:
                     continue
                 # The part's first k crops go to OpenCV threads (they drop the GIL) while nvJPEG decodes the rest
                 # here (the op drops it too); then one forward over both.
-                pool = self._decode_pool(4)
-                chunks = [(lo, pool.submit(_decode_some, jpegs[lo:min(lo + 32, s.start + k)]))
-                          for lo in range(s.start, s.start + k, 32)]
+                on_cpu_jpegs = jpegs[s.start:s.start + k]
+                decoding = self._decode_pool(4).map(_decode_one, on_cpu_jpegs, chunksize=32)  # submitted now
                 on_gpu = decode_resize_jpegs_gpu(jpegs[s.start + k:s.stop], self.device, s.start + k)
-                images: list[np.ndarray] = []
-                for lo, fut in chunks:
-                    for i, img in enumerate(fut.result()):
-                        if img is None:
-                            raise CropError(f"crop {lo + i}: not a decodable image ({len(jpegs[lo + i])} bytes)")
-                        images.append(img)
-                on_cpu = self._upload_resize(images, s.start)
+                on_cpu = self._upload_resize(_decoded(list(decoding), on_cpu_jpegs, s.start), s.start)
                 out[s] = self._forward_rgb(torch.cat([on_cpu, on_gpu]))
             return out
         return self.embed(decode_jpegs_cpu(jpegs, self._decode_pool(min(16, os.cpu_count() or 1))))
@@ -220,17 +213,18 @@ def _decode_one(data: bytes) -> np.ndarray | None:
     return cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR) if data else None
 
 
-def _decode_some(jpegs: Sequence[bytes]) -> list[np.ndarray | None]:
-    return [_decode_one(d) for d in jpegs]
+def _decoded(images: list[np.ndarray | None], jpegs: Sequence[bytes], first_index: int = 0) -> list[np.ndarray]:
+    """``images`` once every one decoded; else :class:`CropError` naming the first crop that did not."""
+    for i, img in enumerate(images):
+        if img is None:
+            raise CropError(f"crop {first_index + i}: not a decodable image ({len(jpegs[i])} bytes)")
+    return images  # type: ignore[return-value]
 
 
 def decode_jpegs_cpu(jpegs: Sequence[bytes], pool: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
     """BGR crops from encoded bytes; OpenCV releases the GIL, so a thread pool decodes in parallel."""
-    images = list(pool.map(_decode_one, jpegs, chunksize=32)) if pool else [_decode_one(d) for d in jpegs]
-    for i, img in enumerate(images):
-        if img is None:
-            raise CropError(f"crop {i}: not a decodable image ({len(jpegs[i])} bytes)")
-    return images  # type: ignore[return-value]
+    return _decoded(list(pool.map(_decode_one, jpegs, chunksize=32)) if pool else [_decode_one(d) for d in jpegs],
+                    jpegs)
 
 
 def _gpu_jpeg_available() -> bool:

@@ -44,8 +44,9 @@ def blas_threads_for(madds: int, cpus: int) -> int:
     """BLAS threads worth waking for a product of ``madds`` multiply-adds: one per 2^28, at most ``cpus``.
     Why not every core: OpenBLAS's threads spin for a while after each product before they sleep, so on a box
     whose other cores run the embedder workers, the broker and the commit and mirror processes, a small product
-    on 16 threads mostly burnt 15 cores' worth of spinning beside them. The bench gallery's product (~2,000 x
-    ~560 x 512, 0.6 G) gets 2 threads; a 100k-prototype gallery still gets every core."""
+    on 16 threads wakes 15 spinning threads beside them for little gain (not yet measured on a GPU box: see
+    docs/server.md, session 13). The bench gallery's product (~2,000 x ~560 x 512, 0.6 G) gets 2 threads; a
+    100k-prototype gallery still gets every core."""
     return max(1, min(cpus, madds // _MADDS_PER_BLAS_THREAD))
 
 

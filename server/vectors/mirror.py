@@ -160,7 +160,6 @@ def _serve(conn: Connection, cfg: Any, dim: int, model_id: str, max_pending: int
     """Child: open the Qdrant store, report what it holds, then mirror submitted changes until told to close
     (or until the consumer is gone: then what is queued gets a few seconds to be written)."""
     from common.logs import setup_logging
-    from common.service import set_os_name
     from server.vectors.qdrant import QdrantVectorStore
 
     set_os_name("reid-mirror")
