@@ -70,6 +70,10 @@ eval-reid assets=assets:
 bench-embed assets=assets *ARGS:
     python -m server.bench_embed {{assets}} {{ARGS}}
 
+# GPU only: torchvision nvJPEG vs nvImageCodec (hardware JPEG engines) decode + embed, 1 and 3 processes → results/bench-jpeg-gpu.{json,png}
+bench-jpeg-gpu assets=assets *ARGS:
+    python -m server.bench_jpeg_gpu {{assets}} {{ARGS}}
+
 # the Streamlit dashboard on 127.0.0.1 (config: --config FILE or $REIDFLEET_DASHBOARD_CONFIG)
 dashboard *ARGS:
     python -m dashboard run {{ARGS}}

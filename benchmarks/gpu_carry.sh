@@ -23,3 +23,17 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
 cp -u "$assets"/models/osnet_x0_25_*.pth .cache/gpu-assets/models/
 cp -ru "$assets"/data/market1501_subset .cache/gpu-assets/data/
 du -sh "$w" .cache/gpu-assets
+# nvImageCodec for jpeg_decoder "nvimgcodec" (pyproject's nvimgcodec extra), trimmed to what the JPEG path loads (the
+# cp312 module, the core library, the nvJPEG extension, libnvjpeg): 19 MB of 31, packed to keep the carry under 64 MiB.
+# benchmarks/nvimg_env.sh unpacks it there.
+n=.cache/nvimg-dl
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
+  -d "$n" "$(pin nvidia-nvimgcodec-cu13)" "$(pin nvidia-nvjpeg)"
+rm -rf "$n/site" && mkdir -p "$n/site"
+for whl in "$n"/*.whl; do unzip -q -o "$whl" 'nvidia/*' -d "$n/site"; done
+find "$n/site/nvidia/nvimgcodec" -name 'nvimgcodec_impl.cpython-*' ! -name '*cpython-312-*' -delete
+rm -rf "$n/site/nvidia/nvimgcodec/tools" "$n/site/nvidia/nvimgcodec/include"
+find "$n/site/nvidia/nvimgcodec/extensions" -type f ! -name 'libnvjpeg_ext*' -delete
+rm -f "$n/site/nvidia/__init__.py"  # the image's own nvidia package keeps its own
+tar -czf .cache/nvimg.tar.gz -C "$n/site" nvidia
+du -sh .cache/nvimg.tar.gz

@@ -348,8 +348,10 @@ def main(argv: list[str] | None = None) -> int:
                     "(with --embed-process)")
     ap.add_argument("--switch-interval-ms", type=float, default=0.0, help="batch.switch_interval_ms of the "
                     "consumer (0: the config's)")
-    ap.add_argument("--jpeg-decoder", choices=["cpu", "nvjpeg"], help="osnet_torch's jpeg_decoder (default: the "
-                    "config's)")
+    ap.add_argument("--jpeg-decoder", choices=["cpu", "nvjpeg", "nvimgcodec"], help="osnet_torch's jpeg_decoder "
+                    "(default: the config's)")
+    ap.add_argument("--nvimgcodec-backends", choices=["hw", "cuda", "auto"], help="osnet_torch's nvimgcodec_backends "
+                    "(default: the config's)")
     ap.add_argument("--cpu-decode-share", type=float, help="osnet_torch's cpu_decode_share: crops decoded by "
                     "OpenCV threads beside nvJPEG (default: the config's)")
     ap.add_argument("--commit-queue", type=int, help="batch.commit_queue: batches handed to the commit stage before "
@@ -381,6 +383,8 @@ def main(argv: list[str] | None = None) -> int:
     emb_cfg: dict[str, Any] = {"type": a.embedder}
     if a.jpeg_decoder:
         emb_cfg["jpeg_decoder"] = a.jpeg_decoder
+    if a.nvimgcodec_backends:
+        emb_cfg["nvimgcodec_backends"] = a.nvimgcodec_backends
     if a.cpu_decode_share is not None:
         emb_cfg["cpu_decode_share"] = a.cpu_decode_share
     embedder = build_embedder(emb_cfg, assets=a.assets)

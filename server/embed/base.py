@@ -47,14 +47,20 @@ class OsnetTorchConfig(StrictModel):
     channels_last: bool = Field(True, description="NHWC memory format on CUDA (ignored on CPU).")
     cuda_graphs: bool = Field(True, description="Replay CUDA graphs per batch bucket of 64 on CUDA (ignored on CPU).")
     batch_size: int = Field(512, ge=1, le=8192, description="Crops per forward pass.")
-    jpeg_decoder: Literal["cpu", "nvjpeg"] = Field("nvjpeg", description="embed_jpegs decoder on CUDA: torchvision "
-                                                   "nvJPEG (falls back to cpu without torchvision) or OpenCV threads.")
+    jpeg_decoder: Literal["cpu", "nvjpeg", "nvimgcodec"] = Field(
+        "nvjpeg", description="embed_jpegs decoder on CUDA: torchvision nvJPEG (falls back to cpu without "
+        "torchvision), nvimgcodec (NVIDIA nvImageCodec: the GPU's hardware JPEG engines where the card has them, "
+        "its CUDA decoder otherwise; pip install '.[nvimgcodec]', a start-up error without it) or OpenCV threads. "
+        "Ignored on CPU.")
+    nvimgcodec_backends: Literal["hw", "cuda", "auto"] = Field(
+        "hw", description="With nvimgcodec: hw = hardware engines, CUDA decoder for what they refuse; cuda = the "
+        "CUDA decoder alone; auto = nvImageCodec's own choice.")
     decode_threads: int = Field(0, ge=0, le=256, description="CPU JPEG decode threads (0 = min(16, cores); with "
                                 "cpu_decode_share: 4).")
-    cpu_decode_share: float = Field(0.0, ge=0.0, le=0.9, description="With nvjpeg: the share of each batch's crops "
-                                    "decoded by OpenCV threads while nvJPEG decodes the rest, so the CPU adds its "
-                                    "decode rate to the GPU decoder's (which stays at ~15k small crops/s per GPU "
-                                    "however many processes share it). 0 = nvJPEG alone.")
+    cpu_decode_share: float = Field(0.0, ge=0.0, le=0.9, description="With a GPU decoder: the share of each batch's "
+                                    "crops decoded by OpenCV threads while the GPU decodes the rest, so the CPU adds "
+                                    "its decode rate to the GPU's (nvJPEG stays at ~15k small crops/s per GPU however "
+                                    "many processes share it). 0 = the GPU alone.")
     threads: int = Field(0, ge=0, le=256, description="CPU threads for torch (0 = torch default).")
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+INPUT_HEIGHT, INPUT_WIDTH = 256, 128  # the person crop size torchreid trains and serves OSNet at
 WIDTHS: dict[str, tuple[int, int, int, int]] = {
     "osnet_x1_0": (64, 256, 384, 512),
     "osnet_x0_75": (48, 192, 288, 384),

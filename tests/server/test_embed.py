@@ -188,6 +188,28 @@ def test_cpu_decode_share_splits_each_part(market: tuple[list[np.ndarray], np.nd
     assert seen == [0]
 
 
+def test_nvimgcodec_decoder_needs_its_package_and_says_so(monkeypatch: pytest.MonkeyPatch,
+                                                         market: tuple[list[np.ndarray], np.ndarray]) -> None:
+    """Without nvImageCodec the hardware decoder is a start-up error that names what to install; on a CPU device
+    the setting is ignored and the JPEG path still embeds (no GPU decoder is built there)."""
+    import sys
+
+    from server.embed.jpeg_gpu import NvImageCodecDecoder, check_soi
+
+    monkeypatch.setitem(sys.modules, "nvidia", None)  # `from nvidia import nvimgcodec` now fails as if uninstalled
+    with pytest.raises(RuntimeError, match=r"pip install '\.\[nvimgcodec\]'"):
+        NvImageCodecDecoder(torch.device("cuda"))
+    emb = build_embedder({"type": "osnet_torch", "device": "cpu", "jpeg_decoder": "nvimgcodec"})
+    assert not emb.decodes_jpegs
+    jpegs = [cv2.imencode(".jpg", c)[1].tobytes() for c in market[0][:3]]
+    plain = build_embedder({"type": "osnet_torch", "device": "cpu"}).embed_jpegs(jpegs)
+    np.testing.assert_allclose(emb.embed_jpegs(jpegs), plain, atol=1e-6)
+    with pytest.raises(CropError, match="crop 5: not a JPEG"):
+        check_soi([*jpegs, b"\x89PNG...."], first_index=2)
+    with pytest.raises(ConfigError):
+        build_embedder({"type": "osnet_torch", "jpeg_decoder": "nvimgcodec", "nvimgcodec_backends": "fast"})
+
+
 def test_gpu_path_equals_cpu_when_cuda_present(market: tuple[list[np.ndarray], np.ndarray]) -> None:
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU here; bench-embed-gpu covers it on the GPU machine")
