@@ -152,7 +152,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         for j, d in enumerate(decoders):
             vals = [result["crops_per_s"].get(f"{what}_p{p}_{d}", {}).get("median", 0.0) for p in groups]
             xs = [i + j * width for i in range(len(groups))]
-            ax.bar(xs, vals, width, label=d + (" (peer)" if d == "nvjpeg" else ""), color=colors.get(d))
+            label = d + (" (torchvision, the default)" if d == "nvjpeg" else "")
+            ax.bar(xs, vals, width, label=label, color=colors.get(d))
             for x, v in zip(xs, vals, strict=True):
                 ax.text(x, v, f"{v / 1000:.1f}k", ha="center", va="bottom", fontsize=8)
         ax.set_xticks([i + width * (len(decoders) - 1) / 2 for i in range(len(groups))],
@@ -160,7 +161,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_title({"decode": "decode + resize", "embed": "embed_jpegs (decode + resize + OSNet)"}[what])
         ax.set_ylabel("crops/s, all processes (median of rounds)")
         ax.legend(fontsize=8)
-    fig.suptitle(f"JPEG crops on {result['gpu']}, {result['batch']} Market-1501 crops a call")
+    agree = ", ".join(f"{d} {c['min_cosine_vs_opencv']:.4f}" for d, c in result.get("check_vs_opencv", {}).items())
+    fig.suptitle(f"JPEG crops on {result['gpu']}, {result['batch']} Market-1501 crops a call"
+                 + (f"\nembedding cosine vs OpenCV's decode (min over crops): {agree}" if agree else ""))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -168,24 +171,28 @@ def plot(result: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("assets", nargs="?", default=None, help="shared assets folder (default ../shared/assets)")
-    ap.add_argument("--decoders", default=",".join(DECODERS), help=f"comma list of {', '.join(DECODERS)}")
+    ap.add_argument("--decoders", default="nvjpeg,nvimgcodec_hw", help=f"comma list of {', '.join(DECODERS)}; "
+                    "nvimgcodec_cuda with nvimgcodec_hw fails on an H100 (a second nvImageCodec decoder in one "
+                    "process: 'Could not create decoder'), so give it alone")
     ap.add_argument("--batch", type=int, default=512, help="crops per call (the embedder's batch_size)")
     ap.add_argument("--procs", type=int, default=3, help="processes sharing the GPU (the consumer's embed_workers)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-seconds", type=float, default=2.0, help="each case's run per round")
     ap.add_argument("--out", default="results")
     ap.add_argument("--name", default="bench-jpeg-gpu")
+    ap.add_argument("--replot", metavar="JSON", help="redraw the chart and RESULT line from an earlier run's JSON")
     args = ap.parse_args(argv)
-    result = run(args)
+    result = json.loads(Path(args.replot).read_text()) if args.replot else run(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
     plot(result, out / f"{args.name}.png")
     print(json.dumps(result, indent=2))
     r = result["crops_per_s"]
-    keys = [f"{w}_p{p}_{d}" for w in ("decode", "embed") for p in (1, args.procs) for d in ("nvjpeg", "nvimgcodec_hw")]
+    keys = [f"{w}_p{p}_{d}" for w in ("decode", "embed") for p in (1, result["procs"])
+            for d in ("nvjpeg", "nvimgcodec_hw")]
     line = " ".join(f"{k}={r[k]['median']:.0f}" for k in keys if k in r)
-    p = args.procs
+    p = result["procs"]
     ours, peer = r.get(f"embed_p{p}_nvimgcodec_hw"), r.get(f"embed_p{p}_nvjpeg")
     if ours and peer:
         line += f" ratio_embed_p{p}_hw_vs_nvjpeg={ours['median'] / peer['median']:.2f}"

@@ -100,7 +100,13 @@ class NvImageCodecDecoder:
         # CPU threads parse the headers and run the CUDA decoder's Huffman stage; a few per process are plenty
         # beside 2-3 embedder workers on one box.
         threads = cpu_threads or min(4, os.cpu_count() or 1)
-        self._decoder = nv.Decoder(device_id=index, max_num_cpu_threads=threads, backends=chosen)
+        try:
+            self._decoder = nv.Decoder(device_id=index, max_num_cpu_threads=threads, backends=chosen)
+        except Exception as exc:
+            # Seen on an H100: a second nvImageCodec decoder in one process failed with "Could not create decoder.
+            # Code: 7"; the consumer builds one per embedder process.
+            raise RuntimeError(f"nvImageCodec could not create its decoder on cuda:{index} (backends {backends!r}): "
+                               f"{exc}. jpeg_decoder 'nvjpeg' needs no extra package.") from exc
         self._params = nv.DecodeParams(color_spec=nv.ColorSpec.SRGB, sample_format=nv.SampleFormat.P_RGB,
                                        apply_exif_orientation=False)
 
