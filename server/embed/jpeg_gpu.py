@@ -2,15 +2,16 @@
 
 Two decoders, chosen by ``osnet_torch.jpeg_decoder``:
 
-- ``nvjpeg``: torchvision's batched nvJPEG (CUDA kernels on the SMs). It stays at ~15-16k small crops/s per GPU
-  however many processes share the card (measured on the H200, session 11), which caps the whole consumer.
-- ``nvimgcodec``: NVIDIA nvImageCodec. On A100/A30/H100/H200-class cards it sends baseline JPEGs to the chip's
-  hardware JPEG engines (NVJPG), which are idle otherwise and leave the SMs to the network; anything the engines
-  refuse falls back to nvImageCodec's CUDA decoder. Needs the ``nvidia-nvimgcodec-cu13`` and ``nvidia-nvjpeg``
-  wheels (``pip install .[nvimgcodec]``; cu12 builds exist under the same names with ``-cu12``).
+- ``nvjpeg`` (default): torchvision's batched nvJPEG, CUDA kernels on the SMs. The faster of the two on the
+  appliance's 64x128 crops (`just bench-jpeg-gpu`, H100: 33k decodes/s with 3 processes sharing the card).
+- ``nvimgcodec``: NVIDIA nvImageCodec, which sends baseline JPEGs to the card's hardware JPEG engines
+  (A100/H100/H200 class) and what they refuse to its CUDA decoder. 0.93x nvjpeg's decode rate there, but its pixels
+  are OpenCV's (embedding cosine 1.0000 against the CPU decode, 0.9980 for nvjpeg), so a GPU server and a CPU
+  server give a crop the same vector. Needs the ``nvidia-nvimgcodec-cu13`` and ``nvidia-nvjpeg`` wheels
+  (``pip install .[nvimgcodec]``; ``-cu12`` builds for CUDA 12).
 
 Both give the same layout (planar RGB, packed end to end) to one :func:`resize_packed_bilinear`, so the network
-sees the same input whichever decoded it, up to the decoders' IDCT rounding.
+sees the same input whichever decoded it, up to the decoders' IDCT and upsampling.
 """
 
 from __future__ import annotations
