@@ -61,7 +61,9 @@ def bench_cpu(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from server.embed.base import build_embedder
-    from server.embed.osnet_torch import HEIGHT, WIDTH, load_osnet, resolve_osnet_weights
+    from server.embed.osnet_model import INPUT_HEIGHT as HEIGHT
+    from server.embed.osnet_model import INPUT_WIDTH as WIDTH
+    from server.embed.osnet_torch import load_osnet, resolve_osnet_weights
     from server.embed.preprocess import resize_stack
 
     crops = market_crops(args.assets, args.batch)
@@ -104,14 +106,10 @@ def bench_gpu(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from server.embed.base import OsnetTorchConfig
-    from server.embed.osnet_torch import (
-        HEIGHT,
-        WIDTH,
-        OsnetTorchEmbedder,
-        decode_resize_jpegs_gpu,
-        load_osnet,
-        resolve_osnet_weights,
-    )
+    from server.embed.jpeg_gpu import decode_resize_jpegs_gpu
+    from server.embed.osnet_model import INPUT_HEIGHT as HEIGHT
+    from server.embed.osnet_model import INPUT_WIDTH as WIDTH
+    from server.embed.osnet_torch import OsnetTorchEmbedder, load_osnet, resolve_osnet_weights
 
     dev = torch.device("cuda")
     torch.backends.cudnn.benchmark = True

@@ -37,7 +37,6 @@ from server.embed.weights import WeightsError, shared_model_file, verify_sha256
 
 log = logging.getLogger(__name__)
 
-HEIGHT, WIDTH = INPUT_HEIGHT, INPUT_WIDTH
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
 GRAPH_BUCKET = 64
@@ -96,6 +95,9 @@ class OsnetTorchEmbedder:
         # Built here, not on first use, so a missing nvImageCodec is a start-up error rather than a failed batch.
         self._nvimgcodec = (NvImageCodecDecoder(self.device, cfg.nvimgcodec_backends)
                             if on_gpu and cfg.jpeg_decoder == "nvimgcodec" else None)
+        # Settled once: intake and embed_jpegs ask every batch, and a failed torchvision import is not cheap to retry.
+        self._gpu_decode = on_gpu and (self._nvimgcodec is not None
+                                       or (cfg.jpeg_decoder == "nvjpeg" and torchvision_available()))
         if self._graphs is not None:
             self._capture_graphs()
         log.info("osnet embedder ready", extra={"model_id": self.model_id, "device": str(self.device),
@@ -110,7 +112,7 @@ class OsnetTorchEmbedder:
         cap = max(self.cfg.batch_size, GRAPH_BUCKET)
         with torch.inference_mode():
             for n in range(GRAPH_BUCKET, cap + GRAPH_BUCKET, GRAPH_BUCKET):
-                x = torch.zeros((min(n, cap), 3, HEIGHT, WIDTH), dtype=self.dtype, device=self.device)
+                x = torch.zeros((min(n, cap), 3, INPUT_HEIGHT, INPUT_WIDTH), dtype=self.dtype, device=self.device)
                 self._graphed(x.contiguous(memory_format=self.memory_format))
         torch.cuda.synchronize(self.device)
         log.info("CUDA graphs captured", extra={"buckets": len(self._graphs),  # type: ignore[arg-type]
@@ -168,7 +170,7 @@ class OsnetTorchEmbedder:
                 out[s] = feats.cpu().numpy()
             return out
         for s in batches(len(crops_bgr), self.cfg.batch_size):
-            stack = resize_stack(crops_bgr[s], HEIGHT, WIDTH)  # (n,H,W,3) BGR uint8
+            stack = resize_stack(crops_bgr[s], INPUT_HEIGHT, INPUT_WIDTH)  # (n,H,W,3) BGR uint8
             out[s] = self._forward_rgb(torch.from_numpy(stack).permute(0, 3, 1, 2).flip(1))
         return out
 
@@ -181,14 +183,12 @@ class OsnetTorchEmbedder:
         offsets = torch.from_numpy(np.concatenate([[0], np.cumsum(sizes)[:-1]]))
         hw = torch.tensor([c.shape[:2] for c in crops], dtype=torch.int64)
         return resize_packed_bilinear(flat.to(self.device, non_blocking=True), offsets, hw[:, 0], hw[:, 1],
-                                      planar=False, out_h=HEIGHT, out_w=WIDTH, channel_order=(2, 1, 0))
+                                      planar=False, out_h=INPUT_HEIGHT, out_w=INPUT_WIDTH, channel_order=(2, 1, 0))
 
     @property
     def decodes_jpegs(self) -> bool:
         """Whether :meth:`embed_jpegs` decodes on the GPU (the consumer then skips its CPU decode)."""
-        if self.device.type != "cuda":
-            return False
-        return self._nvimgcodec is not None or (self.cfg.jpeg_decoder == "nvjpeg" and torchvision_available())
+        return self._gpu_decode
 
     def _decode_resize_gpu(self, jpegs: Sequence[bytes], first_index: int) -> torch.Tensor:
         if self._nvimgcodec is not None:
